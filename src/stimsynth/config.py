@@ -1,0 +1,266 @@
+"""Study configs: validate them, and turn them into a plan of runs.
+
+A config is checked twice before any job exists: against the JSON schema
+(``workflow/schemas/config.schema.yaml``, which also fills in defaults), then for
+what a schema cannot say, such as a run group naming a model that is not defined.
+Both raise :class:`ConfigError` naming the entry and what would work.
+
+:func:`plan_study` turns a valid config into one spec per run. A run spec is
+self-contained JSON: it holds the method's settings, the specs of the model or
+metrics and images it uses, and the engine version, so that Snakemake reruns a run
+exactly when something that can change its result changes.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from .synthesis import ENGINE_VERSION
+
+METHODS = ("metamer", "mad", "eigendistortion", "geodesic")
+
+
+def _default_schema() -> Path:
+    """The config schema: packaged with a wheel, or in the source tree."""
+    packaged = Path(__file__).with_name("config.schema.yaml")
+    if packaged.is_file():
+        return packaged
+    return Path(__file__).resolve().parents[2] / "workflow/schemas/config.schema.yaml"
+
+
+DEFAULT_SCHEMA = _default_schema()
+
+
+class ConfigError(ValueError):
+    """A study config cannot run; the message names the entry and the fix."""
+
+
+@dataclass
+class Study:
+    """What a config asks for: prepared images, models, metrics and runs."""
+
+    config: dict[str, Any]
+    runs: dict[str, dict[str, Any]]
+    model_shapes: dict[str, list[int]] = field(default_factory=dict)
+    model_images: dict[str, list[str]] = field(default_factory=dict)
+    metric_images: dict[str, list[str]] = field(default_factory=dict)
+
+    def runs_of(self, method: str) -> list[str]:
+        """Run ids of one method, in config order."""
+        return [rid for rid, spec in self.runs.items() if spec["method"] == method]
+
+    @property
+    def config_hash(self) -> str:
+        """SHA-256 of the validated config."""
+        return spec_hash(self.config)
+
+
+def spec_hash(spec: dict[str, Any]) -> str:
+    """SHA-256 of a JSON value, independent of key order."""
+    text = json.dumps(spec, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def load_config(
+    path: str | os.PathLike, schema: str | os.PathLike = DEFAULT_SCHEMA
+) -> dict[str, Any]:
+    """Read a YAML config and validate it, filling in defaults.
+
+    Parameters
+    ----------
+    path
+        The config file.
+    schema
+        The JSON schema (YAML) to validate against.
+
+    Returns
+    -------
+    config
+        The config with every default filled in.
+
+    Raises
+    ------
+    ConfigError
+        If the file cannot be read or the config does not fit the schema.
+    """
+    try:
+        with open(path) as handle:
+            config = yaml.safe_load(handle)
+    except (OSError, yaml.YAMLError) as error:
+        raise ConfigError(f"cannot read config {path}: {error}") from error
+    return validate_config(config, schema)
+
+
+def validate_config(
+    config: Any, schema: str | os.PathLike = DEFAULT_SCHEMA
+) -> dict[str, Any]:
+    """Validate a config against the schema and fill in its defaults.
+
+    Returns
+    -------
+    config
+        A validated copy with defaults filled in.
+
+    Raises
+    ------
+    ConfigError
+        Naming the first entry that does not fit and what the schema wants.
+    """
+    with open(schema) as handle:
+        schema_doc = yaml.safe_load(handle)
+    if not isinstance(config, dict):
+        raise ConfigError(f"a config must be a mapping, got {type(config).__name__}")
+    config = copy.deepcopy(config)
+    validator = _with_defaults(jsonschema.Draft202012Validator)(schema_doc)
+    errors = sorted(validator.iter_errors(config), key=lambda e: list(e.path))
+    if errors:
+        raise ConfigError(_describe(errors[0]))
+    return config
+
+
+def _with_defaults(validator_class):
+    """A validator class that fills in ``default`` values as it validates."""
+    validate_properties = validator_class.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for name, subschema in properties.items():
+                if "default" in subschema and name not in instance:
+                    instance[name] = copy.deepcopy(subschema["default"])
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
+
+
+def _describe(error: jsonschema.ValidationError) -> str:
+    where = ".".join(str(p) for p in error.absolute_path) or "the config"
+    hint = error.schema.get("description", "") if isinstance(error.schema, dict) else ""
+    message = f"{where}: {error.message}"
+    return f"{message} ({hint})" if hint else message
+
+
+def plan_study(config: dict[str, Any]) -> Study:
+    """Check a validated config for consistency and list its runs.
+
+    Parameters
+    ----------
+    config
+        A config that passed :func:`validate_config` (defaults filled in).
+
+    Returns
+    -------
+    study
+        The runs by id, and which images each model and metric will see.
+
+    Raises
+    ------
+    ConfigError
+        For a name that refers to nothing, a model used with images of different
+        sizes, a MAD pair of one metric, or no runs at all.
+    """
+    images, models, metrics = config["images"], config["models"], config["metrics"]
+    clash = set(models) & set(metrics)
+    if clash:
+        raise ConfigError(
+            f"models and metrics share the name(s) {sorted(clash)}; rename one of each"
+        )
+    study = Study(config=config, runs={})
+
+    for method in METHODS:
+        for group, settings in config[method].items():
+            where = f"{method}.{group}"
+            for image_name, image_ids in _images_of(method, settings, where, images):
+                if "model" in settings:
+                    _use_model(study, settings["model"], image_ids, where, models, images)
+                else:
+                    _use_metrics(study, settings["metrics"], image_ids, where, metrics)
+                for seed in settings["seeds"]:
+                    run_id = f"{method}/{group}/{image_name}/seed{seed}"
+                    study.runs[run_id] = _run_spec(
+                        config, method, group, image_name, seed, settings, image_ids
+                    )
+    if not study.runs:
+        raise ConfigError(
+            "the config defines no runs; add a run group under metamer, mad, "
+            "eigendistortion or geodesic"
+        )
+    return study
+
+
+def _images_of(method, settings, where, images):
+    """(name in the run id, images the run reads) for each run of a group."""
+    if method == "geodesic":
+        end = settings["end"]
+        end_name = end if isinstance(end, str) else end["image"]
+        for key, name in (("start", settings["start"]), ("end", end_name)):
+            _require(name, images, f"{where}.{key}", "images")
+        return [(settings["start"], [settings["start"], end_name])]
+    for name in settings["images"]:
+        _require(name, images, f"{where}.images", "images")
+    return [(name, [name]) for name in settings["images"]]
+
+
+def _use_model(study, name, image_ids, where, models, images):
+    _require(name, models, f"{where}.model", "models")
+    sizes = {tuple(images[i]["size"]) for i in image_ids}
+    sizes.add(tuple(study.model_shapes.get(name, next(iter(sizes)))))
+    if len(sizes) > 1:
+        raise ConfigError(
+            f"{where}: model {name!r} is used with images of sizes "
+            f"{sorted(sizes)}; a model is built for one image size, so give these "
+            "images one size or define a second model entry"
+        )
+    study.model_shapes[name] = list(sizes.pop())
+    seen = study.model_images.setdefault(name, [])
+    seen.extend(i for i in image_ids if i not in seen)
+
+
+def _use_metrics(study, names, image_ids, where, metrics):
+    if names[0] == names[1]:
+        raise ConfigError(
+            f"{where}.metrics: MAD competition needs two different metrics, got "
+            f"{names[0]!r} twice"
+        )
+    for name in names:
+        _require(name, metrics, f"{where}.metrics", "metrics")
+        seen = study.metric_images.setdefault(name, [])
+        seen.extend(i for i in image_ids if i not in seen)
+
+
+def _require(name, defined, where, section):
+    if name not in defined:
+        known = ", ".join(sorted(defined)) or "none defined"
+        raise ConfigError(
+            f"{where}: {name!r} is not defined under {section}: ({known}); define it "
+            f"there or use one of those names"
+        )
+
+
+def _run_spec(config, method, group, image_name, seed, settings, image_ids):
+    settings = {k: v for k, v in settings.items() if k != "seeds"}
+    spec = {
+        "run_id": f"{method}/{group}/{image_name}/seed{seed}",
+        "method": method,
+        "group": group,
+        "image": image_name,
+        "seed": seed,
+        "settings": settings,
+        "images": {name: config["images"][name] for name in image_ids},
+        "device": config["device"],
+        "dtype": config["dtype"],
+        "engine_version": ENGINE_VERSION,
+    }
+    if "model" in settings:
+        spec["model"] = config["models"][settings["model"]]
+    else:
+        spec["metrics"] = {name: config["metrics"][name] for name in settings["metrics"]}
+    return spec

@@ -1,0 +1,359 @@
+"""Running one synthesis: from a run spec and its inputs to a published run store.
+
+:func:`execute_run` is what a synthesis job does. It picks the device, loads the
+prepared images and the pinned model (or builds the metrics), runs the method while
+streaming the trajectory into a partial store, adds the results and provenance,
+and publishes the store at its final path.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import subprocess
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import xarray as xr
+
+from . import __version__
+from .config import spec_hash
+from .images import open_image, translate
+from .models import build_metric, load_pinned_model
+from .store import FORMAT_VERSION, RunWriter, publish
+from .synthesis import (
+    synthesize_eigendistortion,
+    synthesize_geodesic,
+    synthesize_mad,
+    synthesize_metamer,
+)
+
+logger = logging.getLogger(__name__)
+
+SAMPLE_DIMS = {
+    "metamer": "sample",
+    "mad": "direction",
+    "eigendistortion": "eigenindex",
+    "geodesic": None,
+}
+SNAPSHOTS = {
+    "metamer": ("metamer_snapshot", ("channel", "y", "x")),
+    "mad": ("mad_image_snapshot", ("channel", "y", "x")),
+    "eigendistortion": ("unused_snapshot", ("channel", "y", "x")),
+    "geodesic": ("path_snapshot", ("step", "channel", "y", "x")),
+}
+
+
+def select_device(requested: str) -> torch.device:
+    """The device a run uses: ``cpu``, ``cuda``, or ``auto`` (a GPU if there is one).
+
+    Raises
+    ------
+    RuntimeError
+        If ``cuda`` is asked for and this job sees no GPU.
+    """
+    if requested == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if requested == "cuda":
+        raise RuntimeError(
+            "the study asks for device: cuda but this job sees no GPU; run it where "
+            "Snakemake grants a GPU (resources gpu=1) or set device: auto"
+        )
+    return torch.device("cpu")
+
+
+def execute_run(
+    spec: dict[str, Any],
+    images: dict[str, str | os.PathLike],
+    store: str | os.PathLike,
+    partial: str | os.PathLike,
+    model: str | os.PathLike | None = None,
+    config_hash: str = "",
+    threads: int = 1,
+    flush_every: int = 250,
+) -> Path:
+    """Run one synthesis and publish its store.
+
+    Parameters
+    ----------
+    spec
+        The run spec from :func:`stimsynth.config.plan_study`.
+    images
+        Paths of the prepared images the run reads, by image name.
+    store
+        Published path of the run store.
+    partial
+        Where the store is written while the run goes.
+    model
+        Path of the pinned model, for methods that use one.
+    config_hash
+        Hash of the study config, recorded with the run.
+    threads
+        CPU threads torch may use.
+    flush_every
+        Iterations buffered between appends to the store.
+
+    Returns
+    -------
+    path
+        The published store.
+    """
+    torch.set_num_threads(max(1, int(threads)))
+    device = select_device(spec["device"])
+    dtype = getattr(torch, spec["dtype"])
+    method = spec["method"]
+    logger.info("Run %s starts on %s (%s)", spec["run_id"], device, spec["dtype"])
+    started = datetime.now(UTC)
+    clock = time.perf_counter()
+
+    tensors = {
+        name: torch.from_numpy(open_image(path).values)[None].to(device, dtype)
+        for name, path in images.items()
+    }
+    network = None
+    if model is not None:
+        network, _ = load_pinned_model(model)
+        network = network.to(device=device, dtype=dtype)
+
+    sample_coords = {"seed": ("sample", [spec["seed"]])} if method == "metamer" else {}
+    snapshot_name, snapshot_dims = SNAPSHOTS[method]
+    writer = RunWriter(
+        partial,
+        sample_dim=SAMPLE_DIMS[method],
+        sample_coords=sample_coords,
+        snapshot_name=snapshot_name,
+        snapshot_dims=snapshot_dims,
+        flush_every=flush_every,
+    )
+    final, outcome = METHOD_RUNNERS[method](spec, tensors, network, writer)
+
+    wall = time.perf_counter() - clock
+    attrs = {
+        "format_version": FORMAT_VERSION,
+        "method": method,
+        "run_id": spec["run_id"],
+        "spec": spec,
+        "spec_hash": spec_hash(spec),
+        "config_hash": config_hash,
+        "versions": versions(),
+        "git_commit": git_commit(),
+        "device": str(device),
+        "dtype": spec["dtype"],
+        "started": started.isoformat(timespec="seconds"),
+        "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+        "wall_time_s": round(wall, 3),
+        **outcome,
+    }
+    writer.finish(final, attrs)
+    logger.info(
+        "Run %s ended: %s after %d iterations in %.1f s (%s)",
+        spec["run_id"],
+        outcome["status"],
+        outcome["iterations"],
+        wall,
+        outcome["stop_reason"],
+    )
+    return publish(partial, store)
+
+
+def _run_metamer(spec, images, model, writer):
+    settings = spec["settings"]
+    target = images[spec["image"]]
+    result = synthesize_metamer(
+        model,
+        target,
+        [spec["seed"]],
+        writer,
+        **_optimization_settings(settings),
+    )
+    opt = result.optimization
+    final = xr.Dataset(
+        {
+            "metamer": (("sample", *_IMAGE), _np(result.metamer)),
+            "initial_image": (("sample", *_IMAGE), _np(result.initial)),
+            "target_image": (_IMAGE, _np(result.target[0])),
+            "initial_loss": ("sample", _np(result.initial_loss)),
+            "final_loss": ("sample", _np(result.final_loss)),
+            "stop_iteration": ("sample", np.array(opt.stop_iteration)),
+        },
+        coords={"seed": ("sample", [spec["seed"]])},
+    )
+    return final, _outcome(opt.run_status, opt.stop_reason[0], opt.iterations)
+
+
+def _run_mad(spec, images, model, writer):
+    settings = spec["settings"]
+    reference = images[spec["image"]]
+    metrics = {name: build_metric(entry) for name, entry in spec["metrics"].items()}
+    result = synthesize_mad(
+        reference,
+        metrics,
+        spec["seed"],
+        writer,
+        initial_noise=settings["initial_noise"],
+        tradeoff=settings["tradeoff"],
+        **_optimization_settings(settings),
+    )
+    opt = result.optimization
+    coords = {
+        "direction": _strings(d.label for d in result.directions),
+        "optimized_name": ("direction", _strings(d.optimized for d in result.directions)),
+        "reference_name": ("direction", _strings(d.reference for d in result.directions)),
+        "extremum": ("direction", _strings(d.extremum for d in result.directions)),
+    }
+    final = xr.Dataset(
+        {
+            "mad_image": (("direction", *_IMAGE), _np(result.mad_image)),
+            "initial_image": (_IMAGE, _np(result.initial[0])),
+            "reference_image": (_IMAGE, _np(result.reference_image[0])),
+            "tradeoff": ("direction", np.array(result.tradeoff)),
+            "reference_metric_start": ("direction", _np(result.reference_target)),
+            "final_optimized_metric": ("direction", _np(result.final_optimized)),
+            "final_reference_metric": ("direction", _np(result.final_reference)),
+            "stop_iteration": ("direction", np.array(opt.stop_iteration)),
+        },
+        coords=coords,
+    )
+    reasons = "; ".join(
+        f"{d.label}: {r}" for d, r in zip(result.directions, opt.stop_reason)
+    )
+    return final, _outcome(opt.run_status, reasons, opt.iterations)
+
+
+def _run_eigendistortion(spec, images, model, writer):
+    settings = spec["settings"]
+    image = images[spec["image"]]
+    result = synthesize_eigendistortion(
+        model,
+        image,
+        spec["seed"],
+        writer,
+        method=settings["method"],
+        k=settings["k"],
+        max_iter=settings["max_iter"],
+        tol=settings["tol"],
+        memory_budget_mb=settings["memory_budget_mb"],
+    )
+    final = xr.Dataset(
+        {
+            "eigenvalue": ("eigenindex", _np(result.eigenvalues)),
+            "eigendistortion": (("eigenindex", *_IMAGE), _np(result.eigendistortions)),
+            "residual": ("eigenindex", _np(result.residuals)),
+            "image": (_IMAGE, _np(image[0])),
+        },
+        coords={"eigenindex": result.eigenindex},
+    )
+    return final, _outcome(result.status, result.stop_reason, result.iterations)
+
+
+def _run_geodesic(spec, images, model, writer):
+    settings = spec["settings"]
+    end = settings["end"]
+    end_name, shift = (end, [0, 0]) if isinstance(end, str) else (
+        end["image"],
+        end.get("translate", [0, 0]),
+    )
+    start_image = images[settings["start"]]
+    end_image = translate(images[end_name], shift)
+    result = synthesize_geodesic(
+        model,
+        start_image,
+        end_image,
+        spec["seed"],
+        writer,
+        n_steps=settings["n_steps"],
+        initial=settings["initial"],
+        **_optimization_settings(settings),
+    )
+    opt = result.optimization
+    frames = ("step", *_IMAGE)
+    final = xr.Dataset(
+        {
+            "path": (frames, _np(result.path)),
+            "initial_path": (frames, _np(result.initial_path)),
+            "step_energy": ("segment", _np(result.step_energy)),
+            "fade_step_energy": ("segment", _np(result.fade_step_energy)),
+            "deviation": ("step", _np(result.deviation)),
+            "fade_deviation": ("step", _np(result.fade_deviation)),
+            "final_path_energy": result.path_energy,
+            "fade_path_energy": result.fade_energy,
+        },
+    )
+    return final, _outcome(opt.run_status, opt.stop_reason[0], opt.iterations)
+
+
+METHOD_RUNNERS = {
+    "metamer": _run_metamer,
+    "mad": _run_mad,
+    "eigendistortion": _run_eigendistortion,
+    "geodesic": _run_geodesic,
+}
+
+_IMAGE = ("channel", "y", "x")
+
+
+def _optimization_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    keys = ("max_iter", "optimizer", "penalty_lambda", "stop", "snapshot_every")
+    return {key: settings[key] for key in keys}
+
+
+def _outcome(status: str, reason: str, iterations: int) -> dict[str, Any]:
+    return {"status": status, "stop_reason": reason, "iterations": int(iterations)}
+
+
+def _strings(values) -> np.ndarray:
+    """Labels as variable-length strings, which Zarr 3 stores without a warning."""
+    return np.array(list(values), dtype=object)
+
+
+def _np(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().cpu().numpy()
+
+
+def versions() -> dict[str, str]:
+    """Versions of the software that shapes a run's results."""
+    import plenoptic
+    import zarr
+
+    return {
+        "stimsynth": __version__,
+        "torch": torch.__version__,
+        "plenoptic": plenoptic.__version__,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "xarray": xr.__version__,
+        "zarr": zarr.__version__,
+    }
+
+
+def git_commit() -> str:
+    """The commit of the source tree stimsynth runs from, or '' when unknown.
+
+    A tree with uncommitted changes gets ``-dirty`` appended.
+    """
+    source = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--abbrev=40"],
+            cwd=source,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return commit
+
+
+def describe(spec: dict[str, Any]) -> str:
+    """One line naming a run and its settings, for logs."""
+    return f"{spec['run_id']} {json.dumps(spec['settings'], sort_keys=True)}"

@@ -1,0 +1,207 @@
+"""MAD competition: the four images that pit two metrics against each other.
+
+For a reference image and two distance metrics, each metric is minimised and then
+maximised while the other is held at the value it had on the starting image. The
+four syntheses start from the same noisy copy of the reference image and run
+together as four samples of one batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .optimize import OptimizationResult, Recorder, StopCriterion, optimize, range_penalty
+
+logger = logging.getLogger(__name__)
+
+Metric = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class Direction:
+    """One of the four MAD syntheses: which metric is pushed, and which way."""
+
+    optimized: str
+    reference: str
+    extremum: str  # "min" or "max"
+
+    @property
+    def label(self) -> str:
+        """Short readable name, such as ``max mse``."""
+        return f"{self.extremum} {self.optimized}"
+
+
+@dataclass
+class MADResult:
+    """The four MAD images of one reference image and their metric values."""
+
+    directions: list[Direction]
+    mad_image: Tensor
+    initial: Tensor
+    reference_image: Tensor
+    tradeoff: list[float]
+    reference_target: Tensor
+    final_optimized: Tensor
+    final_reference: Tensor
+    optimization: OptimizationResult
+
+
+def per_sample(metric: Metric, reference: Tensor, images: Tensor) -> Tensor:
+    """Evaluate ``metric`` between a reference and each image: one value per image.
+
+    plenoptic's metrics return one value per image and channel; channels are
+    averaged so that a colour image gets one distance.
+    """
+    value = metric(reference.expand_as(images), images)
+    return value.reshape(images.shape[0], -1).mean(1)
+
+
+def derive_tradeoff(
+    optimized: Metric, reference: Metric, image: Tensor, seed: int
+) -> float:
+    """A weight that brings both metrics to about the same magnitude.
+
+    Both metrics are evaluated between ``image`` and uniform noise; the weight is
+    the power of ten nearest to their ratio, as plenoptic chooses it.
+    """
+    noise = torch.rand(image.shape, generator=torch.Generator().manual_seed(seed))
+    noise = noise.to(device=image.device, dtype=image.dtype)
+    with torch.no_grad():
+        ratio = per_sample(optimized, image, noise) / per_sample(reference, image, noise)
+    return float(10 ** torch.round(torch.log10(ratio)).item())
+
+
+def synthesize_mad(
+    reference_image: Tensor,
+    metrics: dict[str, Metric],
+    seed: int,
+    recorder: Recorder,
+    *,
+    max_iter: int,
+    initial_noise: float = 0.1,
+    tradeoff: float | None = None,
+    optimizer: dict[str, Any] | None = None,
+    penalty_lambda: float = 0.1,
+    stop: dict[str, Any] | None = None,
+    snapshot_every: int = 0,
+) -> MADResult:
+    """Synthesise the four MAD images of a metric pair around ``reference_image``.
+
+    The objective of a direction is ``s * d_opt + w * (d_ref - d_ref0)^2 +
+    penalty_lambda * penalty``, where ``s`` is +1 to minimise and -1 to maximise the
+    optimized metric, ``d_ref0`` the reference metric on the starting image and
+    ``w`` the trade-off weight.
+
+    Parameters
+    ----------
+    reference_image
+        Shape (1, channel, y, x).
+    metrics
+        Exactly two named distance metrics, ``f(reference, images)``.
+    seed
+        Seed of the starting noise (and of the trade-off derivation).
+    recorder
+        Receives the trajectory; samples are the four directions.
+    max_iter
+        Iterations after which the run stops.
+    initial_noise
+        Standard deviation of the Gaussian noise added to the reference image to
+        make the starting image (then clamped to [0, 1]).
+    tradeoff
+        Weight ``w``; derived per direction with :func:`derive_tradeoff` if None.
+    optimizer, penalty_lambda, stop, snapshot_every
+        As in :func:`~stimsynth.synthesis.metamer.synthesize_metamer`.
+
+    Returns
+    -------
+    result
+        The four images and their metric values.
+    """
+    if len(metrics) != 2:
+        raise ValueError(f"MAD needs exactly two metrics, got {list(metrics)}")
+    first, second = metrics
+    directions = [
+        Direction(first, second, "min"),
+        Direction(first, second, "max"),
+        Direction(second, first, "min"),
+        Direction(second, first, "max"),
+    ]
+    reference_image = reference_image.detach()
+    noise = torch.randn(
+        reference_image.shape, generator=torch.Generator().manual_seed(int(seed))
+    ).to(device=reference_image.device, dtype=reference_image.dtype)
+    # Clamped to the valid pixel range, so that metrics defined on [0, 1] images
+    # (SSIM among them) see a valid image from the first iteration.
+    start = (reference_image + initial_noise * noise).clamp(0, 1)
+    initial = start.expand(len(directions), *start.shape[1:]).clone()
+
+    weights = [
+        tradeoff
+        if tradeoff is not None
+        else derive_tradeoff(metrics[d.optimized], metrics[d.reference], start, seed)
+        for d in directions
+    ]
+    sign = torch.tensor([1.0 if d.extremum == "min" else -1.0 for d in directions])
+    sign = sign.to(device=start.device, dtype=start.dtype)
+    weight = torch.tensor(weights, device=start.device, dtype=start.dtype)
+    with torch.no_grad():
+        reference_target = _metric_values(metrics, directions, reference_image, initial)[1]
+
+    def objective(images: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        optimized, held = _metric_values(metrics, directions, reference_image, images)
+        penalty = range_penalty(images)
+        value = (
+            sign * optimized
+            + weight * (held - reference_target).pow(2)
+            + penalty_lambda * penalty
+        )
+        parts = {
+            "optimized_metric": optimized,
+            "reference_metric": held,
+            "penalty": penalty,
+        }
+        return value, parts
+
+    result = optimize(
+        initial,
+        objective,
+        optimizer or {"name": "adam"},
+        StopCriterion(max_iter=max_iter, **(stop or {})),
+        recorder,
+        snapshot_every=snapshot_every,
+        description="mad",
+    )
+    with torch.no_grad():
+        final_optimized, final_reference = _metric_values(
+            metrics, directions, reference_image, result.variable
+        )
+    return MADResult(
+        directions=directions,
+        mad_image=result.variable,
+        initial=start,
+        reference_image=reference_image,
+        tradeoff=weights,
+        reference_target=reference_target,
+        final_optimized=final_optimized,
+        final_reference=final_reference,
+        optimization=result,
+    )
+
+
+def _metric_values(
+    metrics: dict[str, Metric],
+    directions: list[Direction],
+    reference_image: Tensor,
+    images: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """Optimized and reference metric of each direction's image."""
+    values = {name: per_sample(m, reference_image, images) for name, m in metrics.items()}
+    optimized = torch.stack([values[d.optimized][i] for i, d in enumerate(directions)])
+    held = torch.stack([values[d.reference][i] for i, d in enumerate(directions)])
+    return optimized, held

@@ -1,0 +1,302 @@
+"""The optimisation loop shared by metamers, MAD competition and geodesics.
+
+Each of these methods changes pixels to lower an objective. They differ in what the
+objective is and in what they keep, not in how a step is taken, when a run stops or
+what is recorded per iteration; all of that lives here, once.
+
+The variable being optimised has a leading *sample* axis: independent problems
+(seeds, MAD directions) synthesised together. The objective returns one value per
+sample, and each sample's convergence is judged on its own: a sample that has
+converged (or diverged) is frozen and stops changing while the others go on.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+#: Outcomes a sample (and, by its worst sample, a run) can end with.
+STATUSES = ("converged", "max_iter", "diverged", "failed")
+
+Objective = Callable[[Tensor], tuple[Tensor, dict[str, Tensor]]]
+
+
+class Recorder(Protocol):
+    """Where a loop sends its trajectory (a run store, or a list in tests)."""
+
+    def record(self, iteration: int, scalars: dict[str, np.ndarray]) -> None:
+        """Keep the per-iteration scalars of one iteration."""
+
+    def snapshot(self, iteration: int, image: np.ndarray) -> None:
+        """Keep a copy of the variable as it was at the start of ``iteration``."""
+
+
+@dataclass(frozen=True)
+class StopCriterion:
+    """When a sample counts as converged.
+
+    A sample converges when its objective changed by less than
+    ``max(abs_tol, rel_tol * |objective|)`` over the last ``window`` iterations.
+
+    Parameters
+    ----------
+    max_iter
+        Iterations after which a run stops whatever its objective does.
+    window
+        Number of iterations over which the change of the objective is measured.
+    abs_tol
+        Absolute change of the objective below which a sample has converged.
+    rel_tol
+        Change relative to the current objective below which a sample has converged.
+    """
+
+    max_iter: int
+    window: int = 50
+    abs_tol: float = 1e-6
+    rel_tol: float = 1e-4
+
+    def __post_init__(self) -> None:
+        if self.max_iter < 1:
+            raise ValueError(f"max_iter must be at least 1, got {self.max_iter}")
+        if self.window < 1:
+            raise ValueError(f"window must be at least 1, got {self.window}")
+
+    def converged(self, history: np.ndarray) -> np.ndarray:
+        """Which samples have converged, given the objective so far.
+
+        Parameters
+        ----------
+        history
+            Objective values, shape (iterations, samples).
+
+        Returns
+        -------
+        converged
+            Boolean per sample.
+        """
+        if history.shape[0] <= self.window:
+            return np.zeros(history.shape[1], dtype=bool)
+        change = np.abs(history[-self.window - 1] - history[-1])
+        return change < np.maximum(self.abs_tol, self.rel_tol * np.abs(history[-1]))
+
+
+@dataclass
+class OptimizationResult:
+    """What a loop ended with, per sample and as a whole."""
+
+    variable: Tensor
+    iterations: int
+    status: list[str]
+    stop_reason: list[str]
+    stop_iteration: list[int]
+    objective_history: np.ndarray = field(repr=False)
+
+    @property
+    def run_status(self) -> str:
+        """The worst status of any sample: one diverged sample marks the run."""
+        return max(self.status, key=_STATUS_ORDER.__getitem__)
+
+
+# Ordered from best to worst outcome.
+_STATUS_ORDER = {"converged": 0, "max_iter": 1, "diverged": 2, "failed": 3}
+
+
+def make_optimizer(params: list[Tensor], spec: dict[str, Any]) -> torch.optim.Optimizer:
+    """Build a torch optimiser from a spec such as ``{"name": "adam", "lr": 0.01}``.
+
+    Adam defaults to ``amsgrad=True`` and a learning rate of 0.01, as plenoptic does.
+
+    Parameters
+    ----------
+    params
+        Tensors to optimise.
+    spec
+        ``name`` (``adam`` or ``sgd``) and keyword arguments for the optimiser.
+
+    Returns
+    -------
+    optimizer
+        The optimiser, ready to step.
+
+    Raises
+    ------
+    ValueError
+        If the optimiser name is unknown.
+    """
+    kwargs = {k: v for k, v in spec.items() if k != "name"}
+    name = spec.get("name", "adam").lower()
+    if name == "adam":
+        kwargs.setdefault("lr", 0.01)
+        kwargs.setdefault("amsgrad", True)
+        return torch.optim.Adam(params, **kwargs)
+    if name == "sgd":
+        kwargs.setdefault("lr", 0.01)
+        return torch.optim.SGD(params, **kwargs)
+    raise ValueError(f"optimizer name {name!r} is not known; use 'adam' or 'sgd'")
+
+
+def optimize(
+    initial: Tensor,
+    objective: Objective,
+    optimizer: dict[str, Any],
+    stop: StopCriterion,
+    recorder: Recorder,
+    snapshot_every: int = 0,
+    description: str = "synthesis",
+) -> OptimizationResult:
+    """Lower ``objective`` by changing ``initial``, one sample at a time in parallel.
+
+    At every iteration the objective is evaluated on the current variable, its
+    gradient is taken and the optimiser steps. What is recorded for iteration ``i``
+    describes the variable as it was *before* step ``i`` (objective and its parts,
+    gradient norm), and the norm of the change that step ``i`` made, so iteration 0
+    holds the objective of the initial image.
+
+    Parameters
+    ----------
+    initial
+        Starting variable, shape (samples, ...). It is not modified.
+    objective
+        Maps the variable to the objective per sample (shape (samples,)) and a dict
+        of its named parts, each of shape (samples,), recorded alongside.
+    optimizer
+        Spec for :func:`make_optimizer`.
+    stop
+        When a sample has converged and when the run gives up.
+    recorder
+        Receives every iteration's scalars and the snapshots.
+    snapshot_every
+        Keep the variable every this many iterations (0: never).
+    description
+        Label of the progress bar.
+
+    Returns
+    -------
+    result
+        The final variable and each sample's outcome.
+    """
+    variable = initial.detach().clone().requires_grad_(True)
+    opt = make_optimizer([variable], optimizer)
+    n_samples = variable.shape[0]
+    active = torch.ones(n_samples, dtype=torch.bool, device=variable.device)
+    status = ["max_iter"] * n_samples
+    reason = [f"reached max_iter={stop.max_iter}"] * n_samples
+    stop_iteration = [stop.max_iter] * n_samples
+    history: list[np.ndarray] = []
+
+    progress = tqdm(range(stop.max_iter), desc=description, mininterval=2.0)
+    iteration = 0
+    for iteration in progress:
+        if snapshot_every and iteration % snapshot_every == 0:
+            recorder.snapshot(iteration, variable.detach().cpu().numpy())
+
+        opt.zero_grad(set_to_none=False)
+        values, parts = objective(variable)
+        values.sum().backward()
+        before = variable.detach().clone()
+        opt.step()
+        with torch.no_grad():
+            # A finished sample keeps the image it finished with.
+            variable[~active] = before[~active]
+
+        objective_now = values.detach().cpu().numpy().astype(np.float64)
+        history.append(objective_now)
+        scalars = {
+            "objective": objective_now,
+            **{k: v.detach().cpu().numpy() for k, v in parts.items()},
+            "gradient_norm": _per_sample_norm(variable.grad),
+            "pixel_change_norm": _per_sample_norm(variable.detach() - before),
+            "learning_rate": np.float64(opt.param_groups[0]["lr"]),
+        }
+        recorder.record(iteration, scalars)
+
+        finished = _judge(np.stack(history), stop, active, status, reason)
+        for s in finished:
+            stop_iteration[s] = iteration + 1
+            active[s] = False
+        if iteration % 50 == 0:
+            progress.set_postfix(objective=f"{np.nanmean(objective_now):.4g}")
+        if not bool(active.any()):
+            break
+    progress.close()
+
+    return OptimizationResult(
+        variable=variable.detach(),
+        iterations=iteration + 1,
+        status=status,
+        stop_reason=reason,
+        stop_iteration=stop_iteration,
+        objective_history=np.stack(history),
+    )
+
+
+def _judge(
+    history: np.ndarray,
+    stop: StopCriterion,
+    active: Tensor,
+    status: list[str],
+    reason: list[str],
+) -> list[int]:
+    """Mark samples that diverged or converged this iteration; return their indices."""
+    finished = []
+    converged = stop.converged(history)
+    last = history[-1]
+    for s in range(history.shape[1]):
+        if not bool(active[s]):
+            continue
+        if not math.isfinite(last[s]):
+            status[s] = "diverged"
+            reason[s] = f"objective became {last[s]} at iteration {len(history) - 1}"
+            finished.append(s)
+        elif converged[s]:
+            change = abs(history[-stop.window - 1, s] - last[s])
+            status[s] = "converged"
+            reason[s] = (
+                f"objective changed by {change:.3g} over the last {stop.window} "
+                f"iterations (tolerance max({stop.abs_tol:g}, "
+                f"{stop.rel_tol:g} x |objective|))"
+            )
+            finished.append(s)
+    return finished
+
+
+def _per_sample_norm(tensor: Tensor | None) -> np.ndarray:
+    """L2 norm of each sample of a (samples, ...) tensor, as float64."""
+    if tensor is None:
+        return np.full(1, np.nan)
+    return (
+        torch.linalg.vector_norm(tensor.detach().flatten(1), dim=1)
+        .cpu()
+        .numpy()
+        .astype(np.float64)
+    )
+
+
+def range_penalty(image: Tensor, low: float = 0.0, high: float = 1.0) -> Tensor:
+    """Sum of squared excursions outside ``[low, high]``, per sample.
+
+    Parameters
+    ----------
+    image
+        Images, shape (samples, ...).
+    low, high
+        The allowed pixel range.
+
+    Returns
+    -------
+    penalty
+        Shape (samples,).
+    """
+    below = torch.clamp(image - low, max=0).pow(2)
+    above = torch.clamp(image - high, min=0).pow(2)
+    return (below + above).flatten(1).sum(1)
