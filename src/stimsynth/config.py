@@ -180,7 +180,9 @@ def plan_study(config: dict[str, Any]) -> Study:
             where = f"{method}.{group}"
             for image_name, image_ids in _images_of(method, settings, where, images):
                 if "model" in settings:
-                    _use_model(study, settings["model"], image_ids, where, models, images)
+                    _use_model(
+                        study, settings["model"], image_ids, where, models, images
+                    )
                 else:
                     _use_metrics(study, settings["metrics"], image_ids, where, metrics)
                 for seed in settings["seeds"]:
@@ -262,5 +264,7 @@ def _run_spec(config, method, group, image_name, seed, settings, image_ids):
     if "model" in settings:
         spec["model"] = config["models"][settings["model"]]
     else:
-        spec["metrics"] = {name: config["metrics"][name] for name in settings["metrics"]}
+        spec["metrics"] = {
+            name: config["metrics"][name] for name in settings["metrics"]
+        }
     return spec

@@ -87,7 +87,9 @@ def _read_file(path: Path, color: bool) -> tuple[np.ndarray, list[str]]:
 
             raw = iio.imread(path)
     except Exception as error:  # imageio raises many kinds for a corrupt file
-        raise ImageError(f"image file {str(path)!r} could not be read: {error}") from error
+        raise ImageError(
+            f"image file {str(path)!r} could not be read: {error}"
+        ) from error
     operations = [f"read {path.name}"]
     image, scaling = _to_unit_range(raw, path)
     operations += scaling
@@ -175,8 +177,13 @@ def fit_to_size(
         return image, []
     if fit == "resize":
         tensor = torch.from_numpy(image)[None]
-        out = F.interpolate(tensor, size=(want_h, want_w), mode="bilinear",
-                            antialias=True, align_corners=False)[0]
+        out = F.interpolate(
+            tensor,
+            size=(want_h, want_w),
+            mode="bilinear",
+            antialias=True,
+            align_corners=False,
+        )[0]
         out = out.clamp(0, 1).numpy()
         return out, [f"resized {height}x{width} to {want_h}x{want_w}"]
     if fit == "crop":
@@ -187,7 +194,9 @@ def fit_to_size(
             )
         top, left = (height - want_h) // 2, (width - want_w) // 2
         out = image[:, top : top + want_h, left : left + want_w]
-        return out, [f"cropped {height}x{width} to {want_h}x{want_w} at ({top}, {left})"]
+        return out, [
+            f"cropped {height}x{width} to {want_h}x{want_w} at ({top}, {left})"
+        ]
     if fit == "pad":
         pad_h, pad_w = want_h - height, want_w - width
         if pad_h < 0 or pad_w < 0 or pad_h >= height or pad_w >= width:

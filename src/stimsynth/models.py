@@ -70,8 +70,9 @@ def resolve_target(target: str) -> Callable:
     try:
         obj = importlib.import_module(module_name)
     except ImportError as error:
-        raise ModelError(f"target {target!r}: module {module_name!r} does not "
-                         f"import ({error})") from error
+        raise ModelError(
+            f"target {target!r}: module {module_name!r} does not import ({error})"
+        ) from error
     for part in attribute.split("."):
         try:
             obj = getattr(obj, part)
@@ -137,8 +138,10 @@ def build_model(spec: dict[str, Any], image_shape: tuple[int, int] | None = None
         ) from error
     if not isinstance(model, torch.nn.Module):
         if not callable(model):
-            raise ModelError(f"{spec['target']} returned {type(model).__name__}, "
-                             "which is not a model")
+            raise ModelError(
+                f"{spec['target']} returned {type(model).__name__}, "
+                "which is not a model"
+            )
         model = _FunctionModel(model)
     model.eval()
     for parameter in model.parameters():
@@ -319,3 +322,71 @@ def load_pinned_model(path: str | os.PathLike) -> tuple[torch.nn.Module, dict]:
 
 def _format_kwargs(kwargs: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+
+
+def prepare_model(
+    name: str,
+    spec: dict[str, Any],
+    image_shape: list[int],
+    images: dict[str, Tensor],
+    pin_path: str | os.PathLike,
+) -> dict[str, Any]:
+    """Build, check and pin one model of a study (the models stage).
+
+    Parameters
+    ----------
+    name
+        The model's name in the study.
+    spec
+        Its spec.
+    image_shape
+        (y, x) of the images it will see.
+    images
+        Those images, (1, channel, y, x), by name.
+    pin_path
+        Where the pinned model goes.
+
+    Returns
+    -------
+    report
+        What was built and checked, with the hash of the pinned state.
+
+    Raises
+    ------
+    ModelError
+        Naming the model entry, if it cannot be built or fails a check.
+    """
+    full_spec = {"name": name, "model": spec, "image_shape": list(image_shape)}
+    try:
+        model = build_model(spec, tuple(image_shape))
+        # Pinned before the checks run: some models cache derived buffers on their
+        # first forward pass, which a freshly built model would not expect.
+        digest = pin_model(model, full_spec, pin_path)
+        checks = check_model(model, images)
+    except ModelError as error:
+        raise ModelError(f"models.{name}: {error}") from error
+    logger.info(
+        "Model %s built, checked on %s and pinned (sha256 %s)",
+        name,
+        ", ".join(images),
+        digest[:12],
+    )
+    return {**full_spec, "sha256": digest, "checks": checks}
+
+
+def prepare_metric(
+    name: str, spec: dict[str, Any], images: dict[str, Tensor]
+) -> dict[str, Any]:
+    """Build and check one metric of a study (the models stage).
+
+    Raises
+    ------
+    ModelError
+        Naming the metric entry, if it cannot be built or fails a check.
+    """
+    try:
+        checks = check_metric(build_metric(spec), images)
+    except ModelError as error:
+        raise ModelError(f"metrics.{name}: {error}") from error
+    logger.info("Metric %s built and checked on %s", name, ", ".join(images))
+    return {"name": name, "metric": spec, "checks": checks}

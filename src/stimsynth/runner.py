@@ -172,6 +172,8 @@ def _run_metamer(spec, images, model, writer):
         target,
         [spec["seed"]],
         writer,
+        loss=settings["loss"],
+        initial=settings["initial"],
         **_optimization_settings(settings),
     )
     opt = result.optimization
@@ -199,14 +201,21 @@ def _run_mad(spec, images, model, writer):
         spec["seed"],
         writer,
         initial_noise=settings["initial_noise"],
+        hold=settings["hold"],
         tradeoff=settings["tradeoff"],
         **_optimization_settings(settings),
     )
     opt = result.optimization
     coords = {
         "direction": _strings(d.label for d in result.directions),
-        "optimized_name": ("direction", _strings(d.optimized for d in result.directions)),
-        "reference_name": ("direction", _strings(d.reference for d in result.directions)),
+        "optimized_name": (
+            "direction",
+            _strings(d.optimized for d in result.directions),
+        ),
+        "reference_name": (
+            "direction",
+            _strings(d.reference for d in result.directions),
+        ),
         "extremum": ("direction", _strings(d.extremum for d in result.directions)),
     }
     final = xr.Dataset(
@@ -223,7 +232,8 @@ def _run_mad(spec, images, model, writer):
         coords=coords,
     )
     reasons = "; ".join(
-        f"{d.label}: {r}" for d, r in zip(result.directions, opt.stop_reason)
+        f"{d.label}: {r}"
+        for d, r in zip(result.directions, opt.stop_reason, strict=True)
     )
     return final, _outcome(opt.run_status, reasons, opt.iterations)
 
@@ -257,9 +267,13 @@ def _run_eigendistortion(spec, images, model, writer):
 def _run_geodesic(spec, images, model, writer):
     settings = spec["settings"]
     end = settings["end"]
-    end_name, shift = (end, [0, 0]) if isinstance(end, str) else (
-        end["image"],
-        end.get("translate", [0, 0]),
+    end_name, shift = (
+        (end, [0, 0])
+        if isinstance(end, str)
+        else (
+            end["image"],
+            end.get("translate", [0, 0]),
+        )
     )
     start_image = images[settings["start"]]
     end_image = translate(images[end_name], shift)

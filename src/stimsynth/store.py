@@ -104,7 +104,7 @@ class RunWriter:
 
     def snapshot(self, iteration: int, image: np.ndarray) -> None:
         """Buffer one snapshot, shape (samples, *snapshot_dims)."""
-        self._snapshots.append((iteration, np.asarray(image, dtype=np.float32)))
+        self._snapshots.append((iteration, np.array(image, dtype=np.float32)))
 
     def flush(self) -> None:
         """Append everything buffered to the store."""
@@ -140,7 +140,9 @@ class RunWriter:
             if self._sample_dim is None:
                 # A run of one sample keeps plain per-iteration series.
                 values = values.reshape(len(values), -1)[:, 0]
-            dims = ("iteration",) if values.ndim == 1 else ("iteration", self._sample_dim)
+            dims = (
+                ("iteration",) if values.ndim == 1 else ("iteration", self._sample_dim)
+            )
             data_vars[name] = (dims, values)
         coords = {"iteration": iterations}
         if self._sample_dim is not None:
@@ -177,7 +179,9 @@ class RunWriter:
 def _chunks(var: xr.Variable, dim: str) -> tuple[int, ...]:
     """Chunk shape: long runs of iterations, one snapshot per chunk."""
     along = ITERATION_CHUNK if dim == "iteration" else 1
-    return tuple(along if d == dim else size for d, size in zip(var.dims, var.shape))
+    return tuple(
+        along if d == dim else size for d, size in zip(var.dims, var.shape, strict=True)
+    )
 
 
 def publish(partial: str | os.PathLike, final: str | os.PathLike) -> Path:
@@ -228,7 +232,9 @@ def open_run(path: str | os.PathLike) -> xr.Dataset:
     try:
         dataset = xr.open_zarr(path, consolidated=True)
     except Exception as error:  # zarr and xarray raise many kinds here
-        raise StoreError(f"{path} could not be opened as a run store: {error}") from error
+        raise StoreError(
+            f"{path} could not be opened as a run store: {error}"
+        ) from error
     if "status" not in dataset.attrs:
         raise StoreError(f"{path} has no outcome: the run that wrote it never finished")
     return dataset

@@ -147,7 +147,9 @@ def synthesize_eigendistortion(
     return _power(operator, image, seed, k, max_iter, tol, recorder)
 
 
-def _exact(operator: FisherOperator, k: int, recorder: Recorder) -> EigendistortionResult:
+def _exact(
+    operator: FisherOperator, k: int, recorder: Recorder
+) -> EigendistortionResult:
     """Form ``F`` column block by column block and take its full eigendecomposition."""
     n = operator.n_pixels
     identity = torch.eye(n, dtype=operator.image.dtype, device=operator.image.device)
@@ -193,24 +195,24 @@ def _power(
         operator.matvec, start[:k], max_iter, tol, None, trace, 0
     )
     lambda_max = float(top_values[0])
-    shift = lambda_max
-
-    def shifted(vectors: Tensor) -> Tensor:
-        return shift * vectors - operator.matvec(vectors)
-
     bottom, _, bottom_iters, bottom_ok = _power_block(
-        shifted, start[k:], max_iter, tol, lambda_max, trace, k, operator.matvec
+        operator.matvec, start[k:], max_iter, tol, lambda_max, trace, k
     )
     vectors = torch.cat([top, bottom.flip(0)])
     values = torch.einsum("kn,kn->k", vectors, operator.matvec(vectors))
     residuals = _residuals(operator, vectors, values)
     ok = top_ok and bottom_ok
     worst = float(residuals.max()) / lambda_max
+    counts = f"{top_iters} top and {bottom_iters} bottom power iterations"
     reason = (
-        f"every residual below tol x lambda_max ({worst:.2e} < {tol:g}) after "
-        f"{top_iters} top and {bottom_iters} bottom iterations"
+        f"every residual below tol x lambda_max ({worst:.2e} < {tol:g}) and every "
+        f"eigenvalue steady over {STEADY_WINDOW} iterations, after {counts}"
         if ok
-        else f"reached max_iter={max_iter} with residual / lambda_max = {worst:.2e}"
+        else f"reached max_iter={max_iter} for "
+        + " and ".join(
+            end for end, done in (("top", top_ok), ("bottom", bottom_ok)) if not done
+        )
+        + f" ({counts}), residual / lambda_max = {worst:.2e}"
     )
     return EigendistortionResult(
         eigenindex=list(range(k)) + list(range(n - k, n)),
@@ -224,29 +226,64 @@ def _power(
     )
 
 
-def _power_block(matvec, start, max_iter, tol, scale, trace, offset, fisher=None):
-    """Orthogonal (block power) iteration of ``matvec`` from ``start`` (k, n).
+#: Iterations over which an eigenvalue estimate must be steady to count as found.
+STEADY_WINDOW = 50
+#: Largest relative change of an eigenvalue estimate over that window.
+STEADY_TOL = 1e-3
 
-    Returns the vectors, their eigenvalue estimates of the Fisher matrix, the
-    iterations taken and whether every residual fell below ``tol * scale``
-    (``scale`` defaults to the largest eigenvalue found).
+
+def _power_block(matvec, start, max_iter, tol, shift, trace, offset):
+    """Orthogonal (block power) iteration from ``start`` (k, n).
+
+    Without ``shift`` it iterates ``F`` and finds the top eigenpairs; with a shift
+    (the largest eigenvalue) it iterates ``shift I - F``, whose top eigenpairs are
+    the bottom ones of ``F``.
+
+    An end of the spectrum is found when every residual ``|Fv - lambda v|`` is below
+    ``tol * lambda_max`` and every eigenvalue estimate changed by less than
+    ``STEADY_TOL`` of itself over the last ``STEADY_WINDOW`` iterations. The second
+    test matters at the bottom, where eigenvalues can be many orders of magnitude
+    below ``lambda_max``: a small residual alone says little about them there.
+
+    Returns the vectors, their eigenvalue estimates of ``F``, the iterations taken
+    and whether they were found.
     """
-    fisher = fisher or matvec
     vectors = torch.linalg.qr(start.T).Q.T
     converged = False
     iteration = 0
-    for iteration in tqdm(range(1, max_iter + 1), desc="eigendistortion", mininterval=2):
-        product = matvec(vectors)
-        fv = product if fisher is matvec else fisher(vectors)
+    history = []
+    steps = tqdm(
+        range(1, max_iter + 1), desc="eigendistortion", mininterval=2, disable=None
+    )
+    for iteration in steps:
+        fv = matvec(vectors)
         values = torch.einsum("kn,kn->k", vectors, fv)
         residuals = torch.linalg.vector_norm(fv - values[:, None] * vectors, dim=1)
         trace.record(offset, values, residuals)
-        limit = tol * (scale if scale is not None else float(values.abs().max()))
-        if bool((residuals < limit).all()):
+        history.append(values)
+        if iteration % max(1, max_iter // 10) == 0:
+            logger.info(
+                "power iteration %d/%d: eigenvalues %s, residuals %s",
+                iteration,
+                max_iter,
+                np.array2string(_np(values), precision=4),
+                np.array2string(_np(residuals), precision=2),
+            )
+        scale = shift if shift is not None else float(values.abs().max())
+        if bool((residuals < tol * scale).all()) and _steady(history):
             converged = True
             break
+        product = fv if shift is None else shift * vectors - fv
         vectors = torch.linalg.qr(product.T).Q.T
     return vectors, values, iteration, converged
+
+
+def _steady(history: list[Tensor]) -> bool:
+    """Whether every eigenvalue estimate held still over the last window."""
+    if len(history) <= STEADY_WINDOW:
+        return False
+    now, then = history[-1], history[-1 - STEADY_WINDOW]
+    return bool(((now - then).abs() <= STEADY_TOL * now.abs()).all())
 
 
 class _Trace:
@@ -280,4 +317,3 @@ def _residuals(operator: FisherOperator, vectors: Tensor, values: Tensor) -> Ten
 
 def _np(tensor: Tensor) -> np.ndarray:
     return tensor.detach().cpu().numpy().astype(np.float64)
-

@@ -18,7 +18,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .optimize import OptimizationResult, Recorder, StopCriterion, optimize, range_penalty
+from .optimize import (
+    OptimizationResult,
+    Recorder,
+    StopCriterion,
+    optimize,
+    range_penalty,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +157,9 @@ def synthesize_geodesic(
     elif initial == "bridge":
         path0 = brownian_bridge(start, end, n_steps, seed, bridge_scale)
     else:
-        raise ValueError(f"initial path {initial!r} is not known; use straight or bridge")
+        raise ValueError(
+            f"initial path {initial!r} is not known; use straight or bridge"
+        )
 
     def assemble(interior: Tensor) -> Tensor:
         return torch.cat([start, interior[0], end])

@@ -16,7 +16,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .optimize import OptimizationResult, Recorder, StopCriterion, optimize, range_penalty
+from .optimize import (
+    Constraint,
+    OptimizationResult,
+    Recorder,
+    StopCriterion,
+    optimize,
+    range_penalty,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -65,15 +72,19 @@ def per_sample(metric: Metric, reference: Tensor, images: Tensor) -> Tensor:
 def derive_tradeoff(
     optimized: Metric, reference: Metric, image: Tensor, seed: int
 ) -> float:
-    """A weight that brings both metrics to about the same magnitude.
+    """The trade-off weight plenoptic derives when none is given.
 
     Both metrics are evaluated between ``image`` and uniform noise; the weight is
-    the power of ten nearest to their ratio, as plenoptic chooses it.
+    the power of ten nearest to their ratio. It balances the metrics' magnitudes,
+    not the squared drift of the reference metric, so it can hold the reference
+    metric loosely; the audit reports the drift.
     """
     noise = torch.rand(image.shape, generator=torch.Generator().manual_seed(seed))
     noise = noise.to(device=image.device, dtype=image.dtype)
     with torch.no_grad():
-        ratio = per_sample(optimized, image, noise) / per_sample(reference, image, noise)
+        ratio = per_sample(optimized, image, noise) / per_sample(
+            reference, image, noise
+        )
     return float(10 ** torch.round(torch.log10(ratio)).item())
 
 
@@ -85,7 +96,8 @@ def synthesize_mad(
     *,
     max_iter: int,
     initial_noise: float = 0.1,
-    tradeoff: float | None = None,
+    hold: str = "projection",
+    tradeoff: float | dict[str, float] | None = None,
     optimizer: dict[str, Any] | None = None,
     penalty_lambda: float = 0.1,
     stop: dict[str, Any] | None = None,
@@ -93,10 +105,14 @@ def synthesize_mad(
 ) -> MADResult:
     """Synthesise the four MAD images of a metric pair around ``reference_image``.
 
-    The objective of a direction is ``s * d_opt + w * (d_ref - d_ref0)^2 +
-    penalty_lambda * penalty``, where ``s`` is +1 to minimise and -1 to maximise the
-    optimized metric, ``d_ref0`` the reference metric on the starting image and
-    ``w`` the trade-off weight.
+    The objective of a direction is ``s * d_opt + penalty_lambda * penalty``, where
+    ``s`` is +1 to minimise and -1 to maximise the optimized metric, while the
+    reference metric is held at ``d_ref0``, its value on the starting image. With
+    ``hold="projection"`` it is held as Wang and Simoncelli (2008) do: each step
+    follows the gradient with its component along the reference metric's gradient
+    removed, and is followed by a Newton step back to ``d_ref0``. With
+    ``hold="penalty"`` it is held, as plenoptic does, by adding
+    ``w * (d_ref - d_ref0)^2`` to the objective.
 
     Parameters
     ----------
@@ -105,7 +121,7 @@ def synthesize_mad(
     metrics
         Exactly two named distance metrics, ``f(reference, images)``.
     seed
-        Seed of the starting noise (and of the trade-off derivation).
+        Seed of the starting noise.
     recorder
         Receives the trajectory; samples are the four directions.
     max_iter
@@ -113,8 +129,12 @@ def synthesize_mad(
     initial_noise
         Standard deviation of the Gaussian noise added to the reference image to
         make the starting image (then clamped to [0, 1]).
+    hold
+        ``projection`` or ``penalty``, how the reference metric is held.
     tradeoff
-        Weight ``w``; derived per direction with :func:`derive_tradeoff` if None.
+        With ``hold="penalty"``, the weight ``w`` (plenoptic's
+        ``metric_tradeoff_lambda``): one number, or one per optimized metric
+        name; derived per direction with :func:`derive_tradeoff` if None.
     optimizer, penalty_lambda, stop, snapshot_every
         As in :func:`~stimsynth.synthesis.metamer.synthesize_metamer`.
 
@@ -141,17 +161,21 @@ def synthesize_mad(
     start = (reference_image + initial_noise * noise).clamp(0, 1)
     initial = start.expand(len(directions), *start.shape[1:]).clone()
 
-    weights = [
-        tradeoff
-        if tradeoff is not None
-        else derive_tradeoff(metrics[d.optimized], metrics[d.reference], start, seed)
-        for d in directions
-    ]
+    with torch.no_grad():
+        reference_target = _metric_values(
+            metrics, directions, reference_image, initial
+        )[1]
+    if hold not in ("projection", "penalty"):
+        raise ValueError(f"hold {hold!r} is not known; use projection or penalty")
+    weights = [_tradeoff(hold, tradeoff, d, metrics, start, seed) for d in directions]
     sign = torch.tensor([1.0 if d.extremum == "min" else -1.0 for d in directions])
     sign = sign.to(device=start.device, dtype=start.dtype)
     weight = torch.tensor(weights, device=start.device, dtype=start.dtype)
-    with torch.no_grad():
-        reference_target = _metric_values(metrics, directions, reference_image, initial)[1]
+
+    reference_names = [d.reference for d in directions]
+
+    def held_metric(images: Tensor) -> Tensor:
+        return _metric_each(metrics, reference_names, reference_image, images)
 
     def objective(images: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         optimized, held = _metric_values(metrics, directions, reference_image, images)
@@ -176,6 +200,9 @@ def synthesize_mad(
         recorder,
         snapshot_every=snapshot_every,
         description="mad",
+        constraint=Constraint(held_metric, reference_target)
+        if hold == "projection"
+        else None,
     )
     with torch.no_grad():
         final_optimized, final_reference = _metric_values(
@@ -194,6 +221,24 @@ def synthesize_mad(
     )
 
 
+def _tradeoff(hold, tradeoff, direction, metrics, start, seed) -> float:
+    """The penalty weight of one direction (0 when the hold is a projection)."""
+    if hold == "projection":
+        return 0.0
+    if tradeoff is None:
+        return derive_tradeoff(
+            metrics[direction.optimized], metrics[direction.reference], start, seed
+        )
+    if isinstance(tradeoff, dict):
+        if direction.optimized not in tradeoff:
+            raise ValueError(
+                f"tradeoff gives no weight for optimized metric "
+                f"{direction.optimized!r}; give one for each of {sorted(metrics)}"
+            )
+        return float(tradeoff[direction.optimized])
+    return float(tradeoff)
+
+
 def _metric_values(
     metrics: dict[str, Metric],
     directions: list[Direction],
@@ -201,7 +246,28 @@ def _metric_values(
     images: Tensor,
 ) -> tuple[Tensor, Tensor]:
     """Optimized and reference metric of each direction's image."""
-    values = {name: per_sample(m, reference_image, images) for name, m in metrics.items()}
-    optimized = torch.stack([values[d.optimized][i] for i, d in enumerate(directions)])
-    held = torch.stack([values[d.reference][i] for i, d in enumerate(directions)])
-    return optimized, held
+    optimized = [d.optimized for d in directions]
+    reference = [d.reference for d in directions]
+    return (
+        _metric_each(metrics, optimized, reference_image, images),
+        _metric_each(metrics, reference, reference_image, images),
+    )
+
+
+def _metric_each(
+    metrics: dict[str, Metric],
+    names: list[str],
+    reference_image: Tensor,
+    images: Tensor,
+) -> Tensor:
+    """Metric ``names[i]`` between the reference image and image ``i``."""
+    values = [None] * len(names)
+    for name in dict.fromkeys(names):
+        index = [i for i, n in enumerate(names) if n == name]
+        for i, value in zip(
+            index,
+            per_sample(metrics[name], reference_image, images[index]),
+            strict=True,
+        ):
+            values[i] = value
+    return torch.stack(values)

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .optimize import OptimizationResult, Recorder, StopCriterion, optimize, range_penalty
+from .optimize import (
+    OptimizationResult,
+    Recorder,
+    StopCriterion,
+    optimize,
+    range_penalty,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +63,77 @@ def representation_loss(representation: Tensor, target: Tensor) -> Tensor:
     return (representation - target).pow(2).flatten(1).mean(1)
 
 
+def l2_loss(representation: Tensor, target: Tensor) -> Tensor:
+    """Euclidean distance between two representations, per sample."""
+    return torch.linalg.vector_norm((representation - target).flatten(1), dim=1)
+
+
+def make_loss(
+    name: str, model: torch.nn.Module, target: Tensor
+) -> Callable[[Tensor, Tensor], Tensor]:
+    """The representation loss of a metamer run, giving one value per sample.
+
+    Parameters
+    ----------
+    name
+        ``mse`` (mean squared difference), ``l2`` (Euclidean distance),
+        ``portilla_simoncelli`` (plenoptic's reweighted loss for that model, which
+        ignores the pixel minimum and maximum and weights the high-pass variance up),
+        or the import path of a function ``loss(representation, target)``.
+    model
+        The model, which a loss factory may need.
+    target
+        The target image, which a loss factory may need.
+
+    Returns
+    -------
+    loss
+        Maps (representation, target representation) to one value per sample.
+    """
+    if name == "mse":
+        return representation_loss
+    if name == "l2":
+        return l2_loss
+    if name == "portilla_simoncelli":
+        import plenoptic as po
+
+        return _per_sample(po.loss.portilla_simoncelli_loss_factory(model, target))
+    from ..models import resolve_target
+
+    return _per_sample(resolve_target(name))
+
+
+def _per_sample(loss: Callable[[Tensor, Tensor], Tensor]):
+    """Apply a loss that reduces over its whole batch to one sample at a time."""
+
+    def per_sample(representation: Tensor, target: Tensor) -> Tensor:
+        return torch.stack(
+            [
+                loss(representation[i : i + 1], target).reshape(())
+                for i in range(len(representation))
+            ]
+        )
+
+    return per_sample
+
+
+def initial_images(
+    kind: str, target: Tensor, seeds: list[int], scale: float = 0.01
+) -> Tensor:
+    """Starting images of a metamer run, one per seed.
+
+    ``uniform`` is noise uniform in [0, 1); ``gray`` is the target's mean pixel value
+    plus ``scale`` times that noise, a start close to the middle of the pixel range
+    that texture models converge from more cleanly.
+    """
+    noise = initial_noise(tuple(target.shape[1:]), seeds)
+    if kind == "uniform":
+        return noise
+    if kind == "gray":
+        return target.mean().cpu() + scale * noise
+    raise ValueError(f"initial image {kind!r} is not known; use uniform or gray")
+
+
 def synthesize_metamer(
     model: torch.nn.Module,
     target: Tensor,
@@ -67,13 +145,14 @@ def synthesize_metamer(
     penalty_lambda: float = 0.1,
     stop: dict[str, Any] | None = None,
     snapshot_every: int = 0,
-    initial: Tensor | None = None,
+    loss: str = "mse",
+    initial: str | Tensor = "uniform",
 ) -> MetamerResult:
     """Synthesise one metamer per seed of ``target`` for ``model``.
 
-    The objective of a sample is the mean squared difference between its
-    representation and the target's, plus ``penalty_lambda`` times the squared
-    excursion of its pixels outside [0, 1].
+    The objective of a sample is the loss between its representation and the
+    target's (by default their mean squared difference), plus ``penalty_lambda``
+    times the squared excursion of its pixels outside [0, 1].
 
     Parameters
     ----------
@@ -95,8 +174,11 @@ def synthesize_metamer(
         Convergence settings, keyword arguments of :class:`StopCriterion`.
     snapshot_every
         Keep the images every this many iterations (0: never).
+    loss
+        Representation loss, see :func:`make_loss`.
     initial
-        Starting images (samples, channel, y, x); uniform noise per seed if None.
+        ``uniform`` or ``gray`` (see :func:`initial_images`), or the starting images
+        themselves, (samples, channel, y, x).
 
     Returns
     -------
@@ -106,14 +188,15 @@ def synthesize_metamer(
     target = target.detach()
     with torch.no_grad():
         target_representation = model(target)
-    if initial is None:
-        initial = initial_noise(tuple(target.shape[1:]), seeds)
+    loss_function = make_loss(loss, model, target)
+    if isinstance(initial, str):
+        initial = initial_images(initial, target, seeds)
     initial = initial.to(device=target.device, dtype=target.dtype)
 
     def objective(images: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        loss = representation_loss(model(images), target_representation)
+        value = loss_function(model(images), target_representation)
         penalty = range_penalty(images)
-        return loss + penalty_lambda * penalty, {"loss": loss, "penalty": penalty}
+        return value + penalty_lambda * penalty, {"loss": value, "penalty": penalty}
 
     result = optimize(
         initial,
@@ -125,8 +208,8 @@ def synthesize_metamer(
         description="metamer",
     )
     with torch.no_grad():
-        initial_loss = representation_loss(model(initial), target_representation)
-        final_loss = representation_loss(model(result.variable), target_representation)
+        initial_loss = loss_function(model(initial), target_representation)
+        final_loss = loss_function(model(result.variable), target_representation)
     return MetamerResult(
         metamer=result.variable,
         initial=initial,

@@ -45,8 +45,10 @@ class Recorder(Protocol):
 class StopCriterion:
     """When a sample counts as converged.
 
-    A sample converges when its objective changed by less than
-    ``max(abs_tol, rel_tol * |objective|)`` over the last ``window`` iterations.
+    A sample converges when the mean of its objective over the last ``window``
+    iterations differs from the mean over the ``window`` iterations before by less
+    than ``max(abs_tol, rel_tol * |last mean|)``. Comparing means rather than two
+    single values keeps the brief spikes that Adam makes from passing for a plateau.
 
     Parameters
     ----------
@@ -62,8 +64,8 @@ class StopCriterion:
 
     max_iter: int
     window: int = 50
-    abs_tol: float = 1e-6
-    rel_tol: float = 1e-4
+    abs_tol: float = 1e-9
+    rel_tol: float = 1e-3
 
     def __post_init__(self) -> None:
         if self.max_iter < 1:
@@ -84,10 +86,57 @@ class StopCriterion:
         converged
             Boolean per sample.
         """
-        if history.shape[0] <= self.window:
+        if history.shape[0] < 2 * self.window:
             return np.zeros(history.shape[1], dtype=bool)
-        change = np.abs(history[-self.window - 1] - history[-1])
-        return change < np.maximum(self.abs_tol, self.rel_tol * np.abs(history[-1]))
+        change = self.change(history)
+        last = history[-self.window :].mean(0)
+        return change < np.maximum(self.abs_tol, self.rel_tol * np.abs(last))
+
+    def change(self, history: np.ndarray) -> np.ndarray:
+        """Change of the windowed mean objective, per sample."""
+        last = history[-self.window :].mean(0)
+        before = history[-2 * self.window : -self.window].mean(0)
+        return np.abs(before - last)
+
+
+class Constraint:
+    """Holds ``g(x) = target`` for a scalar function ``g`` of each sample.
+
+    Parameters
+    ----------
+    function
+        Maps the variable (samples, ...) to one value per sample.
+    target
+        The value to hold, per sample.
+    """
+
+    def __init__(self, function: Callable[[Tensor], Tensor], target: Tensor):
+        self.function = function
+        self.target = target.detach()
+
+    def _value_and_gradient(self, variable: Tensor) -> tuple[Tensor, Tensor]:
+        with torch.enable_grad():
+            x = variable.detach().requires_grad_(True)
+            value = self.function(x)
+            (gradient,) = torch.autograd.grad(value.sum(), x)
+        return value.detach(), gradient
+
+    def project(self, variable: Tensor) -> None:
+        """Remove from ``variable.grad`` its component along the constraint's
+        gradient, per sample."""
+        _, normal = self._value_and_gradient(variable)
+        normal = normal.flatten(1)
+        grad = variable.grad.flatten(1)
+        scale = (grad * normal).sum(1) / normal.pow(2).sum(1).clamp_min(1e-30)
+        variable.grad.sub_((scale[:, None] * normal).view_as(variable.grad))
+
+    def correct(self, variable: Tensor) -> None:
+        """One Newton step per sample back onto ``g(x) = target``."""
+        value, normal = self._value_and_gradient(variable)
+        flat = normal.flatten(1)
+        step = (value - self.target) / flat.pow(2).sum(1).clamp_min(1e-30)
+        with torch.no_grad():
+            variable.sub_((step[:, None] * flat).view_as(variable))
 
 
 @dataclass
@@ -153,6 +202,7 @@ def optimize(
     recorder: Recorder,
     snapshot_every: int = 0,
     description: str = "synthesis",
+    constraint: Constraint | None = None,
 ) -> OptimizationResult:
     """Lower ``objective`` by changing ``initial``, one sample at a time in parallel.
 
@@ -179,6 +229,10 @@ def optimize(
         Keep the variable every this many iterations (0: never).
     description
         Label of the progress bar.
+    constraint
+        Keeps each sample on a level set: its gradient is projected onto the level
+        set's tangent space before each step, and each step is followed by a
+        correction back onto it.
 
     Returns
     -------
@@ -192,25 +246,35 @@ def optimize(
     status = ["max_iter"] * n_samples
     reason = [f"reached max_iter={stop.max_iter}"] * n_samples
     stop_iteration = [stop.max_iter] * n_samples
-    history: list[np.ndarray] = []
+    history = np.full((stop.max_iter, n_samples), np.nan)
 
-    progress = tqdm(range(stop.max_iter), desc=description, mininterval=2.0)
+    # The bar shows on a terminal only; a job's log gets a line every tenth of the run.
+    progress = tqdm(
+        range(stop.max_iter), desc=description, mininterval=2.0, disable=None
+    )
+    report_every = max(1, stop.max_iter // 10)
     iteration = 0
     for iteration in progress:
         if snapshot_every and iteration % snapshot_every == 0:
-            recorder.snapshot(iteration, variable.detach().cpu().numpy())
+            # A copy: on the CPU, .numpy() shares memory with the variable that the
+            # optimiser is about to change in place.
+            recorder.snapshot(iteration, variable.detach().cpu().numpy().copy())
 
         opt.zero_grad(set_to_none=False)
         values, parts = objective(variable)
         values.sum().backward()
+        if constraint is not None:
+            constraint.project(variable)
         before = variable.detach().clone()
         opt.step()
+        if constraint is not None:
+            constraint.correct(variable)
         with torch.no_grad():
             # A finished sample keeps the image it finished with.
             variable[~active] = before[~active]
 
         objective_now = values.detach().cpu().numpy().astype(np.float64)
-        history.append(objective_now)
+        history[iteration] = objective_now
         scalars = {
             "objective": objective_now,
             **{k: v.detach().cpu().numpy() for k, v in parts.items()},
@@ -220,12 +284,27 @@ def optimize(
         }
         recorder.record(iteration, scalars)
 
-        finished = _judge(np.stack(history), stop, active, status, reason)
+        finished = _judge(history[: iteration + 1], stop, active, status, reason)
         for s in finished:
             stop_iteration[s] = iteration + 1
             active[s] = False
+            if status[s] == "diverged":
+                with torch.no_grad():
+                    # Keep the last image the objective was computed on, not the
+                    # step taken along a non-finite gradient.
+                    variable[s] = before[s]
         if iteration % 50 == 0:
             progress.set_postfix(objective=f"{np.nanmean(objective_now):.4g}")
+        if iteration % report_every == 0:
+            logger.info(
+                "%s iteration %d/%d: objective %s, %d of %d samples still running",
+                description,
+                iteration,
+                stop.max_iter,
+                np.array2string(objective_now, precision=4),
+                int(active.sum()),
+                n_samples,
+            )
         if not bool(active.any()):
             break
     progress.close()
@@ -236,7 +315,7 @@ def optimize(
         status=status,
         stop_reason=reason,
         stop_iteration=stop_iteration,
-        objective_history=np.stack(history),
+        objective_history=history[: iteration + 1],
     )
 
 
@@ -259,12 +338,12 @@ def _judge(
             reason[s] = f"objective became {last[s]} at iteration {len(history) - 1}"
             finished.append(s)
         elif converged[s]:
-            change = abs(history[-stop.window - 1, s] - last[s])
+            change = stop.change(history)[s]
             status[s] = "converged"
             reason[s] = (
-                f"objective changed by {change:.3g} over the last {stop.window} "
-                f"iterations (tolerance max({stop.abs_tol:g}, "
-                f"{stop.rel_tol:g} x |objective|))"
+                f"mean objective changed by {change:.3g} between the last two "
+                f"windows of {stop.window} iterations (tolerance "
+                f"max({stop.abs_tol:g}, {stop.rel_tol:g} x |objective|))"
             )
             finished.append(s)
     return finished

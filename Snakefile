@@ -1,0 +1,28 @@
+# stimsynth: a study from images to audited, plotted synthesis runs.
+# Usage: snakemake --cores 2 [--configfile my_study.yaml]; see README.md.
+from snakemake.utils import min_version, validate
+
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+validate(config, "workflow/schemas/config.schema.yaml")
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/images.smk"
+include: "workflow/rules/models.smk"
+include: "workflow/rules/synthesis.smk"
+include: "workflow/rules/audit.smk"
+include: "workflow/rules/figures.smk"
+
+
+rule all:
+    input:
+        f"{RESULTS}/audit.csv",
+        f"{RESULTS}/figures/study.png",
+        [f"{RESULTS}/figures/runs/{run}.png" for run in STUDY.runs],
+    default_target: True

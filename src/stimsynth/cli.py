@@ -1,0 +1,287 @@
+"""The ``stimsynth`` command: audit a study's run stores, or describe one store.
+
+``stimsynth audit RESULTS`` audits every run store under ``RESULTS/runs`` and
+prints the summary; ``stimsynth inspect STORE`` describes one store. Everything
+the command prints goes through :func:`_say`.
+
+Exit codes: 0 when all is well, 1 when a run fails the audit or a store cannot be
+inspected, 2 for a usage error, an unreadable config, or no stores to audit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import numpy as np
+import xarray as xr
+
+from .audit import audit_study, find_run_stores, summarize, write_audit
+from .config import ConfigError, load_config
+from .store import StoreError, open_run, run_spec
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+# A final variable with at most this many values is shown in full by inspect.
+_SMALL = 16
+
+
+class _Exit(Exception):
+    """Ends the command with an exit code, instead of argparse's ``sys.exit``."""
+
+    def __init__(self, code: int):
+        super().__init__(code)
+        self.code = code
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser that prints through :func:`_say` and does not exit."""
+
+    def print_usage(self, file=None) -> None:
+        _say(self.format_usage().rstrip("\n"), error=file is sys.stderr)
+
+    def print_help(self, file=None) -> None:
+        _say(self.format_help().rstrip("\n"), error=file is sys.stderr)
+
+    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
+        if message:
+            _say(message.rstrip("\n"), error=True)
+        raise _Exit(status)
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``stimsynth`` command.
+
+    Parameters
+    ----------
+    argv
+        The arguments after the program name; None reads ``sys.argv``.
+
+    Returns
+    -------
+    code
+        The exit code: 0 success, 1 a failed audit or an unreadable store, 2 a
+        usage error, an unreadable config, or no stores found.
+    """
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except _Exit as stop:
+        return stop.code
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+    # Verbose shows stimsynth's own detail, not that of zarr or xarray.
+    logging.getLogger("stimsynth").setLevel(
+        logging.DEBUG if args.verbose else logging.WARNING
+    )
+    return args.handler(args)
+
+
+def _parser() -> _Parser:
+    parser = _Parser(
+        prog="stimsynth",
+        description="Audit and inspect stimsynth run stores.",
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log every check to stderr"
+    )
+    commands = parser.add_subparsers(
+        title="commands", dest="subcommand", metavar="COMMAND", required=True
+    )
+
+    audit = commands.add_parser(
+        "audit",
+        help="audit every run store of a study",
+        description="Audit every run store under RESULTS/runs and print a summary. "
+        "Exits 1 if any run fails the audit.",
+    )
+    audit.add_argument("results", type=Path, help="the study's results folder")
+    audit.add_argument(
+        "--config",
+        type=Path,
+        help="study config whose audit section sets the thresholds "
+        "(default: the schema's defaults)",
+    )
+    audit.add_argument("--csv", type=Path, help="also write the audit table here")
+    audit.set_defaults(handler=_audit)
+
+    inspect = commands.add_parser(
+        "inspect",
+        help="describe one run store",
+        description="Print what a run store holds: its run, outcome, provenance, "
+        "final numbers and variables.",
+    )
+    inspect.add_argument("store", type=Path, help="a run store (a .zarr folder)")
+    inspect.set_defaults(handler=_inspect)
+    return parser
+
+
+def _say(text: str, error: bool = False) -> None:
+    """Print command output: results to stdout, problems to stderr."""
+    print(text, file=sys.stderr if error else sys.stdout)
+
+
+def _audit(args: argparse.Namespace) -> int:
+    thresholds = None
+    if args.config is not None:
+        try:
+            thresholds = load_config(args.config)["audit"]
+        except ConfigError as error:
+            _say(f"stimsynth audit: config {args.config}: {error}", error=True)
+            return EXIT_USAGE
+
+    runs = args.results / "runs"
+    stores = find_run_stores(runs) if runs.is_dir() else []
+    if not stores:
+        _say(
+            f"stimsynth audit: no run stores found in {runs} (looked for folders "
+            "ending in .zarr that hold a zarr.json); give the results folder of a "
+            "study whose runs have finished",
+            error=True,
+        )
+        return EXIT_USAGE
+
+    table = audit_study(stores, thresholds)
+    if args.csv is not None:
+        try:
+            write_audit(table, args.csv)
+        except OSError as error:
+            _say(f"stimsynth audit: cannot write {args.csv}: {error}", error=True)
+            return EXIT_USAGE
+    _say(summarize(table))
+    return EXIT_FAILED if (table["verdict"] == "fail").any() else EXIT_OK
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    try:
+        with open_run(args.store) as dataset:
+            text = describe_store(dataset)
+    except StoreError as error:
+        _say(
+            f"stimsynth inspect: {error}; give the path of a finished run store, "
+            "such as results/runs/<method>/<group>/<image>/seed0.zarr",
+            error=True,
+        )
+        return EXIT_FAILED
+    _say(text)
+    return EXIT_OK
+
+
+def describe_store(dataset: xr.Dataset) -> str:
+    """A readable description of one run store.
+
+    Parameters
+    ----------
+    dataset
+        A store opened with :func:`stimsynth.store.open_run`.
+
+    Returns
+    -------
+    text
+        The run and its outcome, where and with what it ran, its final numbers
+        (every result variable of at most a few values), and its variables with
+        their dimensions.
+    """
+    attrs = dataset.attrs
+    try:
+        spec = run_spec(dataset)
+    except (KeyError, ValueError):
+        spec = {}
+    lines = _fields(
+        [
+            ("run", attrs.get("run_id")),
+            ("method", attrs.get("method")),
+            ("group", spec.get("group")),
+            ("image", spec.get("image")),
+            ("seed", spec.get("seed")),
+            ("status", attrs.get("status")),
+            ("stop reason", attrs.get("stop_reason")),
+            ("iterations", attrs.get("iterations")),
+            ("wall time", _seconds(attrs.get("wall_time_s"))),
+            ("started", attrs.get("started")),
+            ("finished", attrs.get("finished")),
+            ("device", attrs.get("device")),
+            ("dtype", attrs.get("dtype")),
+            ("versions", _versions(attrs.get("versions"))),
+            ("git commit", attrs.get("git_commit") or "unknown"),
+            ("format", attrs.get("format_version")),
+        ]
+    )
+
+    small = [
+        name
+        for name, variable in sorted(dataset.data_vars.items())
+        if not {"iteration", "snapshot"} & set(variable.dims)
+        and variable.size <= _SMALL
+    ]
+    lines += ["", "final numbers:"]
+    lines += [
+        "  " + line for line in _fields([(n, _numbers(dataset[n])) for n in small])
+    ]
+
+    lines += ["", "variables:"]
+    rows = [
+        (name, f"({', '.join(variable.dims)}) {variable.dtype}")
+        for name, variable in sorted(dataset.data_vars.items())
+    ]
+    lines += ["  " + line for line in _fields(rows)]
+    return "\n".join(lines)
+
+
+def _fields(pairs: list[tuple[str, Any]]) -> list[str]:
+    """Aligned ``name  value`` lines."""
+    width = max((len(name) for name, _ in pairs), default=0)
+    return [f"{name:<{width}}  {value}" for name, value in pairs]
+
+
+def _seconds(value: Any) -> str:
+    return "unknown" if value is None else f"{value} s"
+
+
+def _versions(text: str | None) -> str:
+    if not text:
+        return "unknown"
+    try:
+        versions = json.loads(text)
+    except ValueError:
+        return text
+    return ", ".join(f"{name} {version}" for name, version in sorted(versions.items()))
+
+
+def _numbers(variable: xr.DataArray) -> str:
+    """The values of a small variable, labelled along its dimension."""
+    values = np.asarray(variable.values)
+    if variable.ndim == 0:
+        return f"{values.item():.4g}"
+    if variable.ndim > 1:
+        return np.array2string(values, precision=4)
+    dim = variable.dims[0]
+    labels = _labels(variable, dim)
+    return ", ".join(
+        f"{label}: {value:.4g}" for label, value in zip(labels, values, strict=True)
+    )
+
+
+def _labels(variable: xr.DataArray, dim: str) -> list[str]:
+    """Names of the entries along ``dim``: its text labels, or ``name=value``."""
+    along = [name for name, coord in variable.coords.items() if coord.dims == (dim,)]
+    # The dimension's own coordinate (direction, eigenindex) names entries best.
+    along.sort(key=lambda name: name != dim)
+    if not along:
+        return [f"{dim}={i}" for i in range(variable.sizes[dim])]
+    name = along[0]
+    values = variable.coords[name].values
+    if values.dtype.kind in "iuf":
+        return [f"{name}={value}" for value in values]
+    return [str(value) for value in values]

@@ -1,0 +1,19 @@
+# Audit: a verdict with reasons for every run, in one table for the study.
+
+
+rule audit:
+    input:
+        stores=[f"{RESULTS}/runs/{run}.zarr" for run in STUDY.runs],
+    output:
+        table=f"{RESULTS}/audit.csv",
+        summary=f"{RESULTS}/audit.txt",
+    params:
+        thresholds=json.dumps(config["audit"], sort_keys=True),
+    log:
+        f"{RESULTS}/logs/audit.log",
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    threads: 1
+    script:
+        "../scripts/audit.py"

@@ -1,0 +1,43 @@
+# Figures: one per run and one for the study, made from the stores alone.
+
+
+rule plot_run:
+    input:
+        store=f"{RESULTS}/runs/{{run}}.zarr",
+    output:
+        figure=report(
+            f"{RESULTS}/figures/runs/{{run}}.png",
+            caption="../report/run.rst",
+            category="Runs",
+            subcategory="{run}",
+        ),
+    wildcard_constraints:
+        run="|".join(map(re.escape, STUDY.runs)),
+    log:
+        f"{RESULTS}/logs/figures/{{run}}.log",
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    threads: 1
+    script:
+        "../scripts/plot_run.py"
+
+
+rule plot_study:
+    input:
+        table=f"{RESULTS}/audit.csv",
+        stores=[f"{RESULTS}/runs/{run}.zarr" for run in STUDY.runs],
+    output:
+        figure=report(
+            f"{RESULTS}/figures/study.png",
+            caption="../report/study.rst",
+            category="Study",
+        ),
+    log:
+        f"{RESULTS}/logs/figures/study.log",
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    threads: 1
+    script:
+        "../scripts/plot_study.py"

@@ -1,0 +1,16 @@
+# Images: load each configured image once and prepare it for every run that uses it.
+
+
+rule prepare_image:
+    output:
+        image=directory(f"{RESULTS}/images/{{image}}.zarr"),
+    params:
+        entry=lambda wc: json.dumps(config["images"][wc.image], sort_keys=True),
+    log:
+        f"{RESULTS}/logs/images/{{image}}.log",
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    threads: 1
+    script:
+        "../scripts/prepare_image.py"

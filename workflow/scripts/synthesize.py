@@ -1,0 +1,19 @@
+"""Run one synthesis and publish its store (thin entry point)."""
+
+import json
+
+from stimsynth.logs import job_logging
+from stimsynth.runner import execute_run
+
+with job_logging(snakemake.log[0]):
+    spec = json.loads(snakemake.params.spec)
+    images = {name: snakemake.input[f"image_{name}"] for name in spec["images"]}
+    execute_run(
+        spec,
+        images,
+        store=snakemake.output.store,
+        partial=snakemake.params.partial,
+        model=snakemake.input.get("model"),
+        config_hash=snakemake.params.config_hash,
+        threads=snakemake.threads,
+    )
