@@ -2,7 +2,6 @@
 # Usage: snakemake --cores 2 [--configfile my_study.yaml]; see README.md.
 from snakemake.utils import min_version, validate
 
-
 min_version("9.0")
 
 
@@ -21,8 +20,8 @@ include: "workflow/rules/figures.smk"
 
 
 rule all:
+    default_target: True
     input:
         f"{RESULTS}/audit.csv",
         f"{RESULTS}/figures/study.png",
         [f"{RESULTS}/figures/runs/{run}.png" for run in STUDY.runs],
-    default_target: True

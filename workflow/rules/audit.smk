@@ -7,13 +7,15 @@ rule audit:
     output:
         table=f"{RESULTS}/audit.csv",
         summary=f"{RESULTS}/audit.txt",
-    params:
-        thresholds=json.dumps(config["audit"], sort_keys=True),
     log:
         f"{RESULTS}/logs/audit.log",
+    threads: 1
+    conda:
+        "../../envs/stimsynth.yaml"
     resources:
         mem_mb=2000,
         runtime=10,
-    threads: 1
+    params:
+        thresholds=json.dumps(config["audit"], sort_keys=True),
     script:
         "../scripts/audit.py"

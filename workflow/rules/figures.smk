@@ -11,14 +11,16 @@ rule plot_run:
             category="Runs",
             subcategory="{run}",
         ),
-    wildcard_constraints:
-        run="|".join(map(re.escape, STUDY.runs)),
     log:
         f"{RESULTS}/logs/figures/{{run}}.log",
+    wildcard_constraints:
+        run="|".join(map(re.escape, STUDY.runs)),
+    threads: 1
+    conda:
+        "../../envs/stimsynth.yaml"
     resources:
         mem_mb=1000,
         runtime=10,
-    threads: 1
     script:
         "../scripts/plot_run.py"
 
@@ -35,9 +37,11 @@ rule plot_study:
         ),
     log:
         f"{RESULTS}/logs/figures/study.log",
+    threads: 1
+    conda:
+        "../../envs/stimsynth.yaml"
     resources:
         mem_mb=2000,
         runtime=10,
-    threads: 1
     script:
         "../scripts/plot_study.py"

@@ -4,13 +4,15 @@
 rule prepare_image:
     output:
         image=directory(f"{RESULTS}/images/{{image}}.zarr"),
-    params:
-        entry=lambda wc: json.dumps(config["images"][wc.image], sort_keys=True),
     log:
         f"{RESULTS}/logs/images/{{image}}.log",
+    threads: 1
+    conda:
+        "../../envs/stimsynth.yaml"
     resources:
         mem_mb=1000,
         runtime=10,
-    threads: 1
+    params:
+        entry=lambda wc: json.dumps(config["images"][wc.image], sort_keys=True),
     script:
         "../scripts/prepare_image.py"

@@ -9,16 +9,18 @@ rule prepare_model:
     output:
         pin=f"{RESULTS}/models/{{model}}.pt",
         report=f"{RESULTS}/models/{{model}}.json",
+    log:
+        f"{RESULTS}/logs/models/{{model}}.log",
+    threads: 1
+    conda:
+        "../../envs/stimsynth.yaml"
+    resources:
+        mem_mb=4000,
+        runtime=10,
     params:
         entry=lambda wc: json.dumps(config["models"][wc.model], sort_keys=True),
         image_shape=lambda wc: STUDY.model_shapes[wc.model],
         image_names=lambda wc: STUDY.model_images[wc.model],
-    log:
-        f"{RESULTS}/logs/models/{{model}}.log",
-    resources:
-        mem_mb=4000,
-        runtime=10,
-    threads: 1
     script:
         "../scripts/prepare_model.py"
 
@@ -30,15 +32,17 @@ rule prepare_metric:
         ],
     output:
         report=f"{RESULTS}/models/{{metric}}.json",
-    params:
-        entry=lambda wc: json.dumps(config["metrics"][wc.metric], sort_keys=True),
-        image_names=lambda wc: STUDY.metric_images[wc.metric],
     log:
         f"{RESULTS}/logs/models/{{metric}}.log",
+    threads: 1
+    conda:
+        "../../envs/stimsynth.yaml"
     resources:
         mem_mb=2000,
         runtime=10,
-    threads: 1
+    params:
+        entry=lambda wc: json.dumps(config["metrics"][wc.metric], sort_keys=True),
+        image_names=lambda wc: STUDY.metric_images[wc.metric],
     script:
         "../scripts/prepare_metric.py"
 

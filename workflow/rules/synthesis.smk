@@ -11,20 +11,22 @@ for _method in METHODS:
             unpack(run_inputs(_method)),
         output:
             store=directory(f"{RESULTS}/runs/{_method}/{{run}}.zarr"),
-        params:
-            spec=run_params(_method),
-            partial=lambda wc, method=_method: f"{RESULTS}/.partial/{method}/{wc.run}.zarr",
-            config_hash=STUDY.config_hash,
-        wildcard_constraints:
-            run=run_pattern(_method),
         log:
             f"{RESULTS}/logs/runs/{_method}/{{run}}.log",
         benchmark:
             f"{RESULTS}/benchmarks/runs/{_method}/{{run}}.tsv"
+        wildcard_constraints:
+            run=run_pattern(_method),
+        threads: 1
+        conda:
+            "../../envs/stimsynth.yaml"
         resources:
             gpu=1 if config["device"] == "cuda" else 0,
             mem_mb=synthesis_mem_mb,
             runtime=120,
-        threads: 1
+        params:
+            spec=run_params(_method),
+            partial=lambda wc, method=_method: f"{RESULTS}/.partial/{method}/{wc.run}.zarr",
+            config_hash=STUDY.config_hash,
         script:
             "../scripts/synthesize.py"

@@ -170,7 +170,8 @@ def make_optimizer(params: list[Tensor], spec: dict[str, Any]) -> torch.optim.Op
     params
         Tensors to optimise.
     spec
-        ``name`` (``adam`` or ``sgd``) and keyword arguments for the optimiser.
+        ``name`` (``adam`` or ``sgd``) and keyword arguments for the optimiser; a
+        ``scheduler`` entry is read by :func:`make_scheduler`, not here.
 
     Returns
     -------
@@ -182,7 +183,7 @@ def make_optimizer(params: list[Tensor], spec: dict[str, Any]) -> torch.optim.Op
     ValueError
         If the optimiser name is unknown.
     """
-    kwargs = {k: v for k, v in spec.items() if k != "name"}
+    kwargs = {k: v for k, v in spec.items() if k not in ("name", "scheduler")}
     name = spec.get("name", "adam").lower()
     if name == "adam":
         kwargs.setdefault("lr", 0.01)
@@ -192,6 +193,28 @@ def make_optimizer(params: list[Tensor], spec: dict[str, Any]) -> torch.optim.Op
         kwargs.setdefault("lr", 0.01)
         return torch.optim.SGD(params, **kwargs)
     raise ValueError(f"optimizer name {name!r} is not known; use 'adam' or 'sgd'")
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, spec: dict[str, Any] | None
+) -> torch.optim.lr_scheduler.ReduceLROnPlateau | None:
+    """A learning-rate scheduler from the optimiser spec's ``scheduler`` entry.
+
+    ``{"name": "plateau", "factor": 0.5, "patience": 50}`` lowers the learning
+    rate by ``factor`` when the objective, summed over samples, has not improved for
+    ``patience`` iterations (torch's ``ReduceLROnPlateau``).
+
+    Raises
+    ------
+    ValueError
+        If the scheduler name is unknown.
+    """
+    if not spec:
+        return None
+    kwargs = {k: v for k, v in spec.items() if k != "name"}
+    if spec.get("name") == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, **kwargs)
+    raise ValueError(f"scheduler name {spec.get('name')!r} is not known; use 'plateau'")
 
 
 def optimize(
@@ -241,6 +264,7 @@ def optimize(
     """
     variable = initial.detach().clone().requires_grad_(True)
     opt = make_optimizer([variable], optimizer)
+    scheduler = make_scheduler(opt, optimizer.get("scheduler"))
     n_samples = variable.shape[0]
     active = torch.ones(n_samples, dtype=torch.bool, device=variable.device)
     status = ["max_iter"] * n_samples
@@ -269,6 +293,8 @@ def optimize(
         opt.step()
         if constraint is not None:
             constraint.correct(variable)
+        if scheduler is not None:
+            scheduler.step(float(values.detach()[active].sum()))
         with torch.no_grad():
             # A finished sample keeps the image it finished with.
             variable[~active] = before[~active]
