@@ -1,14 +1,11 @@
 # stimsynth: a study from images to audited, plotted synthesis runs.
 # Usage: snakemake --cores 2 [--configfile my_study.yaml]; see README.md.
-from snakemake.utils import min_version, validate
+from snakemake.utils import min_version
 
 min_version("9.0")
 
 
 configfile: "config/config.yaml"
-
-
-validate(config, "workflow/schemas/config.schema.yaml")
 
 
 include: "workflow/rules/common.smk"

@@ -90,7 +90,7 @@ def study(tmp_path_factory):
 
 def test_every_run_publishes_a_store_with_its_trajectory(study):
     runs = plan_study(load_config(study / "study.yaml")).runs
-    assert len(runs) == 7
+    assert len(runs) == 6
     for run_id, spec in runs.items():
         store = open_run(study / "results" / "runs" / f"{run_id}.zarr")
         assert store.attrs["run_id"] == run_id
@@ -159,5 +159,32 @@ def test_a_config_naming_an_unknown_model_stops_before_any_job(tmp_path):
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(config))
     result = snakemake(tmp_path, "--dry-run")
     assert result.returncode != 0
-    assert "metamer.bad.model: 'missing' is not defined under models" in result.stderr
+    output = result.stdout + result.stderr
+    assert "metamer.bad.model: 'missing' is not defined under models" in output
     assert not (tmp_path / "results").exists()
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """Rule name -> number of jobs, from the table a dry run prints."""
+    counts = {}
+    for line in output.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit() and parts[0] != "total":
+            counts[parts[0]] = int(parts[1])
+    return counts
+
+
+def test_adding_an_image_runs_only_the_new_runs(study, tmp_path):
+    config = yaml.safe_load((study / "study.yaml").read_text())
+    config["metamer"]["frontend"]["images"].append("curie")
+    copy = tmp_path / "study"
+    shutil.copytree(study, copy, symlinks=True)
+    (copy / "study.yaml").write_text(yaml.safe_dump(config))
+    result = snakemake(copy, "--dry-run")
+    assert result.returncode == 0, result.stderr[-3000:]
+    counts = job_counts(result.stdout + result.stderr)
+    # Two seeds on the new image; the model is checked on it, not pinned again.
+    assert counts["synthesize_metamer"] == 2
+    assert counts["check_model"] == 1
+    assert "pin_model" not in counts
+    assert "synthesize_geodesic" not in counts

@@ -121,9 +121,9 @@ def validate_config(
         raise ConfigError(f"a config must be a mapping, got {type(config).__name__}")
     config = copy.deepcopy(config)
     validator = _with_defaults(jsonschema.Draft202012Validator)(schema_doc)
-    errors = sorted(validator.iter_errors(config), key=lambda e: list(e.path))
-    if errors:
-        raise ConfigError(_describe(errors[0]))
+    error = jsonschema.exceptions.best_match(validator.iter_errors(config))
+    if error is not None:
+        raise ConfigError(_describe(error))
     return config
 
 
@@ -240,15 +240,15 @@ def _use_metrics(study, names, image_ids, where, metrics):
 
 def _require(name, defined, where, section):
     if name not in defined:
-        known = ", ".join(sorted(defined)) or "none defined"
-        raise ConfigError(
-            f"{where}: {name!r} is not defined under {section}: ({known}); define it "
-            f"there or use one of those names"
-        )
+        known = ", ".join(sorted(defined))
+        hint = f"use one of {known}, or define it there" if known else "define it there"
+        raise ConfigError(f"{where}: {name!r} is not defined under {section}; {hint}")
 
 
 def _run_spec(config, method, group, image_name, seed, settings, image_ids):
-    settings = {k: v for k, v in settings.items() if k != "seeds"}
+    # The group's lists of seeds and images are not the run's: leaving them out
+    # keeps a run's spec, and so the run, unchanged when the group grows.
+    settings = {k: v for k, v in settings.items() if k not in ("seeds", "images")}
     spec = {
         "run_id": f"{method}/{group}/{image_name}/seed{seed}",
         "method": method,

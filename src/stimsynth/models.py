@@ -328,10 +328,12 @@ def prepare_model(
     name: str,
     spec: dict[str, Any],
     image_shape: list[int],
-    images: dict[str, Tensor],
     pin_path: str | os.PathLike,
 ) -> dict[str, Any]:
-    """Build, check and pin one model of a study (the models stage).
+    """Build and pin one model of a study (the models stage).
+
+    The model is also run once on noise of the image shape, so that a model that
+    cannot take that shape fails here, before any image is checked.
 
     Parameters
     ----------
@@ -341,52 +343,75 @@ def prepare_model(
         Its spec.
     image_shape
         (y, x) of the images it will see.
-    images
-        Those images, (1, channel, y, x), by name.
     pin_path
         Where the pinned model goes.
 
     Returns
     -------
     report
-        What was built and checked, with the hash of the pinned state.
+        The full spec and the hash of the pinned state.
 
     Raises
     ------
     ModelError
-        Naming the model entry, if it cannot be built or fails a check.
+        Naming the model entry, if it cannot be built or run.
     """
     full_spec = {"name": name, "model": spec, "image_shape": list(image_shape)}
     try:
         model = build_model(spec, tuple(image_shape))
-        # Pinned before the checks run: some models cache derived buffers on their
-        # first forward pass, which a freshly built model would not expect.
+        # Pinned before the model first runs: some models cache derived buffers on
+        # their first forward pass, which a freshly built model would not expect.
         digest = pin_model(model, full_spec, pin_path)
-        checks = check_model(model, images)
     except ModelError as error:
         raise ModelError(f"models.{name}: {error}") from error
-    logger.info(
-        "Model %s built, checked on %s and pinned (sha256 %s)",
-        name,
-        ", ".join(images),
-        digest[:12],
-    )
-    return {**full_spec, "sha256": digest, "checks": checks}
+    logger.info("Model %s built and pinned (sha256 %s)", name, digest[:12])
+    return {**full_spec, "sha256": digest}
 
 
-def prepare_metric(
-    name: str, spec: dict[str, Any], images: dict[str, Tensor]
+def check_pinned_model(
+    pin_path: str | os.PathLike, image_path: str | os.PathLike
 ) -> dict[str, Any]:
-    """Build and check one metric of a study (the models stage).
+    """Check a pinned model on one prepared image (the models stage).
 
     Raises
     ------
     ModelError
-        Naming the metric entry, if it cannot be built or fails a check.
+        Naming the model entry and the image, if a check fails.
     """
+    from .images import open_image
+
+    model, spec = load_pinned_model(pin_path)
+    image = open_image(image_path)
+    name = image.attrs.get("name", str(image_path))
     try:
-        checks = check_metric(build_metric(spec), images)
+        report = check_model(model, {name: torch.from_numpy(image.values)[None]})
+    except ModelError as error:
+        raise ModelError(f"models.{spec['name']}: {error}") from error
+    logger.info("Model %s passed its checks on image %s", spec["name"], name)
+    return {"model": spec["name"], "image": name, **report[name]}
+
+
+def check_metric_entry(
+    name: str, spec: dict[str, Any], image_path: str | os.PathLike
+) -> dict[str, Any]:
+    """Build one metric of a study and check it on one prepared image.
+
+    Raises
+    ------
+    ModelError
+        Naming the metric entry and the image, if it cannot be built or fails a
+        check.
+    """
+    from .images import open_image
+
+    image = open_image(image_path)
+    image_name = image.attrs.get("name", str(image_path))
+    try:
+        metric = build_metric(spec)
+        report = check_metric(
+            metric, {image_name: torch.from_numpy(image.values)[None]}
+        )
     except ModelError as error:
         raise ModelError(f"metrics.{name}: {error}") from error
-    logger.info("Metric %s built and checked on %s", name, ", ".join(images))
-    return {"name": name, "metric": spec, "checks": checks}
+    logger.info("Metric %s passed its checks on image %s", name, image_name)
+    return {"metric": name, "image": image_name, **report[image_name]}

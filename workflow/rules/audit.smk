@@ -9,9 +9,9 @@ rule audit:
         summary=f"{RESULTS}/audit.txt",
     log:
         f"{RESULTS}/logs/audit.log",
-    threads: 1
     conda:
         "../../envs/stimsynth.yaml"
+    threads: 1
     resources:
         mem_mb=2000,
         runtime=10,

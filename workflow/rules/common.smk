@@ -4,10 +4,14 @@ import re
 
 from snakemake.exceptions import WorkflowError
 
-from stimsynth.config import ConfigError, plan_study
-from stimsynth.synthesis import ENGINE_VERSION
+from stimsynth.config import ConfigError, plan_study, validate_config
 
+# The config is checked against workflow/schemas/config.schema.yaml (which also
+# fills in defaults) and for consistency before any job is created.
 try:
+    config.update(
+        validate_config(config, workflow.source_path("../schemas/config.schema.yaml"))
+    )
     STUDY = plan_study(config)
 except ConfigError as error:
     raise WorkflowError(f"The study config cannot run: {error}") from None
@@ -35,7 +39,8 @@ def run_pattern(method):
 
 
 def run_inputs(method):
-    """Input function: the prepared images and the pinned model or checked metrics."""
+    """Input function: the prepared images, and the pinned model or the metrics,
+    checked on each of those images."""
 
     def inputs(wildcards):
         spec = run_spec(method, wildcards.run)
@@ -43,10 +48,16 @@ def run_inputs(method):
             f"image_{name}": f"{RESULTS}/images/{name}.zarr" for name in spec["images"]
         }
         if "model" in spec["settings"]:
-            paths["model"] = f"{RESULTS}/models/{spec['settings']['model']}.pt"
+            model = spec["settings"]["model"]
+            paths["model"] = f"{RESULTS}/models/{model}.pt"
+            checked = [f"models/{model}/{image}" for image in spec["images"]]
         else:
-            for name in spec["metrics"]:
-                paths[f"metric_{name}"] = f"{RESULTS}/models/{name}.json"
+            checked = [
+                f"metrics/{metric}/{image}"
+                for metric in spec["metrics"]
+                for image in spec["images"]
+            ]
+        paths["checks"] = [f"{RESULTS}/checks/{path}.json" for path in checked]
         return paths
 
     return inputs

@@ -15,9 +15,9 @@ rule plot_run:
         f"{RESULTS}/logs/figures/{{run}}.log",
     wildcard_constraints:
         run="|".join(map(re.escape, STUDY.runs)),
-    threads: 1
     conda:
         "../../envs/stimsynth.yaml"
+    threads: 1
     resources:
         mem_mb=1000,
         runtime=10,
@@ -37,9 +37,9 @@ rule plot_study:
         ),
     log:
         f"{RESULTS}/logs/figures/study.log",
-    threads: 1
     conda:
         "../../envs/stimsynth.yaml"
+    threads: 1
     resources:
         mem_mb=2000,
         runtime=10,

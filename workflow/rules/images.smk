@@ -6,9 +6,9 @@ rule prepare_image:
         image=directory(f"{RESULTS}/images/{{image}}.zarr"),
     log:
         f"{RESULTS}/logs/images/{{image}}.log",
-    threads: 1
     conda:
         "../../envs/stimsynth.yaml"
+    threads: 1
     resources:
         mem_mb=1000,
         runtime=10,

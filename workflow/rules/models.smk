@@ -1,50 +1,60 @@
-# Models and metrics: build each once, check it on the images it will see, pin it.
+# Models and metrics: build each model once and pin it; check models and metrics on
+# every image they will see. Checks are separate jobs, so that adding an image to a
+# study checks the model on it without re-pinning the model, which would rerun every
+# synthesis that uses it.
 
 
-rule prepare_model:
-    input:
-        images=lambda wc: [
-            f"{RESULTS}/images/{name}.zarr" for name in STUDY.model_images[wc.model]
-        ],
+rule pin_model:
     output:
         pin=f"{RESULTS}/models/{{model}}.pt",
         report=f"{RESULTS}/models/{{model}}.json",
     log:
         f"{RESULTS}/logs/models/{{model}}.log",
-    threads: 1
     conda:
         "../../envs/stimsynth.yaml"
+    threads: 1
     resources:
         mem_mb=4000,
         runtime=10,
     params:
         entry=lambda wc: json.dumps(config["models"][wc.model], sort_keys=True),
         image_shape=lambda wc: STUDY.model_shapes[wc.model],
-        image_names=lambda wc: STUDY.model_images[wc.model],
     script:
-        "../scripts/prepare_model.py"
+        "../scripts/pin_model.py"
 
 
-rule prepare_metric:
+rule check_model:
     input:
-        images=lambda wc: [
-            f"{RESULTS}/images/{name}.zarr" for name in STUDY.metric_images[wc.metric]
-        ],
+        pin=f"{RESULTS}/models/{{model}}.pt",
+        image=f"{RESULTS}/images/{{image}}.zarr",
     output:
-        report=f"{RESULTS}/models/{{metric}}.json",
+        report=f"{RESULTS}/checks/models/{{model}}/{{image}}.json",
     log:
-        f"{RESULTS}/logs/models/{{metric}}.log",
-    threads: 1
+        f"{RESULTS}/logs/checks/models/{{model}}/{{image}}.log",
     conda:
         "../../envs/stimsynth.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=10,
+    script:
+        "../scripts/check_model.py"
+
+
+rule check_metric:
+    input:
+        image=f"{RESULTS}/images/{{image}}.zarr",
+    output:
+        report=f"{RESULTS}/checks/metrics/{{metric}}/{{image}}.json",
+    log:
+        f"{RESULTS}/logs/checks/metrics/{{metric}}/{{image}}.log",
+    conda:
+        "../../envs/stimsynth.yaml"
+    threads: 1
     resources:
         mem_mb=2000,
         runtime=10,
     params:
         entry=lambda wc: json.dumps(config["metrics"][wc.metric], sort_keys=True),
-        image_names=lambda wc: STUDY.metric_images[wc.metric],
     script:
-        "../scripts/prepare_metric.py"
-
-
-ruleorder: prepare_model > prepare_metric
+        "../scripts/check_metric.py"

@@ -17,9 +17,9 @@ for _method in METHODS:
             f"{RESULTS}/benchmarks/runs/{_method}/{{run}}.tsv"
         wildcard_constraints:
             run=run_pattern(_method),
-        threads: 1
         conda:
             "../../envs/stimsynth.yaml"
+        threads: 1
         resources:
             gpu=1 if config["device"] == "cuda" else 0,
             mem_mb=synthesis_mem_mb,
@@ -27,6 +27,5 @@ for _method in METHODS:
         params:
             spec=run_params(_method),
             partial=lambda wc, method=_method: f"{RESULTS}/.partial/{method}/{wc.run}.zarr",
-            config_hash=STUDY.config_hash,
         script:
             "../scripts/synthesize.py"

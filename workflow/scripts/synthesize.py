@@ -2,6 +2,7 @@
 
 import json
 
+from stimsynth.config import spec_hash
 from stimsynth.logs import job_logging
 from stimsynth.runner import execute_run
 
@@ -14,6 +15,8 @@ with job_logging(snakemake.log[0]):
         store=snakemake.output.store,
         partial=snakemake.params.partial,
         model=snakemake.input.get("model"),
-        config_hash=snakemake.params.config_hash,
+        # Read here rather than passed as a param: a param that changes with every
+        # edit of the config would make Snakemake rerun every synthesis.
+        config_hash=spec_hash(snakemake.config),
         threads=snakemake.threads,
     )

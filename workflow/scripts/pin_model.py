@@ -1,26 +1,15 @@
-"""Build, check and pin one model of the study (thin entry point)."""
+"""Build and pin one model of the study (thin entry point)."""
 
 import json
 
-import torch
-
-from stimsynth.images import open_image
 from stimsynth.logs import job_logging
 from stimsynth.models import prepare_model
 
 with job_logging(snakemake.log[0]):
-    torch.set_num_threads(snakemake.threads)
-    images = {
-        name: torch.from_numpy(open_image(path).values)[None]
-        for name, path in zip(
-            snakemake.params.image_names, snakemake.input.images, strict=True
-        )
-    }
     report = prepare_model(
         snakemake.wildcards.model,
         json.loads(snakemake.params.entry),
         snakemake.params.image_shape,
-        images,
         snakemake.output.pin,
     )
     with open(snakemake.output.report, "w") as handle:
