@@ -29,7 +29,7 @@ $(VENV)/.installed-test: $(VENV)/.installed
 
 run: $(VENV)/.installed
 	$(BIN)/snakemake --cores $(CORES) $(if $(CONFIG),--configfile $(CONFIG)) $(SNAKEMAKE_ARGS)
-	@echo "Audit: results/audit.txt   Figures: results/figures/"
+
 
 report: $(VENV)/.installed
 	$(BIN)/snakemake $(if $(CONFIG),--configfile $(CONFIG)) --report results/report.html

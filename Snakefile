@@ -1,5 +1,7 @@
 # stimsynth: a study from images to audited, plotted synthesis runs.
 # Usage: snakemake --cores 2 [--configfile my_study.yaml]; see README.md.
+from pathlib import Path
+
 from snakemake.utils import min_version
 
 min_version("9.0")
@@ -22,3 +24,10 @@ rule all:
         f"{RESULTS}/audit.csv",
         f"{RESULTS}/figures/study.png",
         [f"{RESULTS}/figures/runs/{run}.png" for run in STUDY.runs],
+
+
+onsuccess:
+    summary = Path(RESULTS) / "audit.txt"
+    if summary.exists():
+        print(f"\n{summary.read_text()}")
+        print(f"Audit table: {RESULTS}/audit.csv, figures: {RESULTS}/figures/")
