@@ -356,7 +356,19 @@ def test_mad_reference_drift_is_measured_against_its_start(results):
     row = audit_run(store)
     assert row["verdict"] == "fail"
     assert failed_checks(row) == {"reference metric drift"}
-    assert "5.00e-02 in 'max mse' (limit 0.01)" in row["reasons"]
+    assert "5.00e-02 at the end" in row["reasons"]
+    assert "in 'max mse' (limit 0.01)" in row["reasons"]
+
+
+def test_mad_reference_drift_along_the_way_fails(results):
+    store = store_of(results, "mad")
+    start = np.array(zarr.open_array(store / "reference_metric_start")[...])
+    # The held metric strays by 30% halfway and comes back by the end.
+    edit(store, "reference_metric", with_value((10, 2), start[2] * 1.3))
+    row = audit_run(store, LENIENT | {"mad": {"max_reference_drift": 0.01}})
+    assert row["verdict"] == "fail"
+    assert failed_checks(row) == {"reference metric drift"}
+    assert "3.00e-01 along the way, in 'min ssim'" in row["reasons"]
 
 
 def test_metamer_pixel_excess_within_the_limit_passes(results):

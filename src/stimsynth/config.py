@@ -24,6 +24,7 @@ from typing import Any
 import jsonschema
 import yaml
 
+from .errors import InputError
 from .synthesis import ENGINE_VERSION
 
 METHODS = ("metamer", "mad", "eigendistortion", "geodesic")
@@ -40,7 +41,7 @@ def _default_schema() -> Path:
 DEFAULT_SCHEMA = _default_schema()
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A study config cannot run; the message names the entry and the fix."""
 
 
@@ -145,7 +146,20 @@ def _describe(error: jsonschema.ValidationError) -> str:
     where = ".".join(str(p) for p in error.absolute_path) or "the config"
     hint = error.schema.get("description", "") if isinstance(error.schema, dict) else ""
     message = f"{where}: {error.message}"
+    if error.validator == "type" and _reads_as_number(error.instance):
+        # YAML 1.1 reads 1e-3 as text: it wants a dot in the mantissa.
+        message += f"; YAML reads {error.instance} as text, write it as 1.0e-3 style"
     return f"{message} ({hint})" if hint else message
+
+
+def _reads_as_number(value: Any) -> bool:
+    if not isinstance(value, str):
+        return False
+    try:
+        float(value)
+    except ValueError:
+        return False
+    return True
 
 
 def plan_study(config: dict[str, Any]) -> Study:
@@ -190,12 +204,68 @@ def plan_study(config: dict[str, Any]) -> Study:
                     study.runs[run_id] = _run_spec(
                         config, method, group, image_name, seed, settings, image_ids
                     )
+    _check_settings(config)
     if not study.runs:
         raise ConfigError(
             "the config defines no runs; add a run group under metamer, mad, "
             "eigendistortion or geodesic"
         )
     return study
+
+
+def _check_settings(config: dict[str, Any]) -> None:
+    """Catch settings that fit the schema but cannot work, before any job runs."""
+    from .images import BUILTIN_IMAGES, BUILTIN_PREFIX
+    from .synthesis.eigendistortion import exact_memory_mb
+    from .synthesis.metamer import LOSSES
+
+    for name, entry in config["images"].items():
+        source = entry["source"]
+        builtin = source.removeprefix(BUILTIN_PREFIX)
+        if source.startswith(BUILTIN_PREFIX) and builtin not in BUILTIN_IMAGES:
+            raise ConfigError(
+                f"images.{name}.source: {source!r} is not a built-in image; use one "
+                f"of {', '.join(BUILTIN_PREFIX + n for n in BUILTIN_IMAGES)}"
+            )
+    for group, settings in config["metamer"].items():
+        loss = settings["loss"]
+        if loss not in LOSSES and "." not in loss and ":" not in loss:
+            raise ConfigError(
+                f"metamer.{group}.loss: {loss!r} is not a loss; use one of "
+                f"{', '.join(LOSSES)}, or the import path of a function"
+            )
+    for group, settings in config["eigendistortion"].items():
+        for image in settings["images"]:
+            channels = 3 if config["images"][image]["color"] else 1
+            height, width = config["images"][image]["size"]
+            n_pixels = channels * height * width
+            where = f"eigendistortion.{group}"
+            if settings["k"] > n_pixels // 2:
+                raise ConfigError(
+                    f"{where}.k: {settings['k']} eigendistortions at each end need an "
+                    f"image of at least {2 * settings['k']} pixels; image {image!r} "
+                    f"has {n_pixels}"
+                )
+            # The Fisher matrix alone; the Jacobian comes on top.
+            need = exact_memory_mb(
+                n_pixels, 0, 4 if config["dtype"] == "float32" else 8
+            )
+            if settings["method"] == "exact" and need > settings["memory_budget_mb"]:
+                raise ConfigError(
+                    f"{where}.method: the exact method on image {image!r} "
+                    f"({n_pixels} pixels) needs at least {need:.0f} MB, over "
+                    f"memory_budget_mb={settings['memory_budget_mb']:g}; use method: "
+                    "power, a smaller image, or a larger budget"
+                )
+    for group, settings in config["mad"].items():
+        tradeoff = settings["tradeoff"]
+        if isinstance(tradeoff, dict):
+            missing = [m for m in settings["metrics"] if m not in tradeoff]
+            if missing:
+                raise ConfigError(
+                    f"mad.{group}.tradeoff: no weight for {', '.join(missing)}; give "
+                    "one for each metric of the pair, or a single number"
+                )
 
 
 def _images_of(method, settings, where, images):

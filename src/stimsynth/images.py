@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 import xarray as xr
 
+from .errors import InputError
+
 logger = logging.getLogger(__name__)
 
 BUILTIN_PREFIX = "plenoptic:"
@@ -32,7 +34,7 @@ FILE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pgm", ".tif", ".tiff", ".npy")
 FITS = ("resize", "crop", "pad")
 
 
-class ImageError(ValueError):
+class ImageError(InputError):
     """An image entry cannot be loaded or prepared."""
 
 

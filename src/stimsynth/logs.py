@@ -8,6 +8,8 @@ import os
 import sys
 from collections.abc import Iterator
 
+from .errors import InputError
+
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -17,8 +19,9 @@ def job_logging(
 ) -> Iterator:
     """Send logging and standard error (progress bars, warnings) to ``log_path``.
 
-    An exception raised inside the block is logged with its traceback before it
-    propagates, so the log file says why a job failed.
+    An :class:`~stimsynth.errors.InputError` raised inside the block ends the job
+    with its message alone, in the log and on standard error; any other exception
+    is logged with its traceback before it propagates.
 
     Parameters
     ----------
@@ -43,6 +46,10 @@ def job_logging(
         sys.stderr = stream
         try:
             yield
+        except InputError as error:
+            logging.getLogger("stimsynth").error("%s", error)
+            print(f"stimsynth: {error}", file=saved)
+            raise SystemExit(1) from None
         except Exception:
             logging.getLogger("stimsynth").exception("The job failed")
             raise

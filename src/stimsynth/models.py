@@ -31,12 +31,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .errors import InputError
+
 logger = logging.getLogger(__name__)
 
 SHAPE_ARGUMENTS = ("image_shape", "im_shape")
 
 
-class ModelError(ValueError):
+class ModelError(InputError):
     """A model or metric cannot be built, or fails its checks."""
 
 
@@ -227,9 +229,14 @@ def check_model(model: torch.nn.Module, images: dict[str, Tensor]) -> dict[str, 
             try:
                 output = model(image)
             except Exception as error:
+                hint = (
+                    "; if the model takes gray images, set color: false on the image"
+                    if image.shape[1] == 3
+                    else ""
+                )
                 raise ModelError(
                     f"the model fails on image {name!r} of shape "
-                    f"{tuple(image.shape)}: {error}"
+                    f"{tuple(image.shape)}: {error}{hint}"
                 ) from error
             if not torch.isfinite(output).all():
                 raise ModelError(f"the model's output on image {name!r} is not finite")
@@ -272,11 +279,10 @@ def check_metric(metric: Callable, images: dict[str, Tensor]) -> dict[str, Any]:
         with torch.no_grad():
             self_distance = float(metric(image, image).abs().max())
         if self_distance > 1e-4:
-            logger.warning(
-                "The metric's value between image %r and itself is %.3g, not 0: is it "
-                "a similarity? Set as_distance: true to use 1 - similarity.",
-                name,
-                self_distance,
+            raise ModelError(
+                f"its value between image {name!r} and itself is {self_distance:.3g}, "
+                "not 0, so it is not a distance; if it is a similarity, set "
+                "as_distance: true to use 1 - similarity"
             )
         report[name] = {"distance_to_self": self_distance, "checks": "passed"}
     return report

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..errors import InputError
 from .optimize import (
     OptimizationResult,
     Recorder,
@@ -68,6 +69,10 @@ def l2_loss(representation: Tensor, target: Tensor) -> Tensor:
     return torch.linalg.vector_norm((representation - target).flatten(1), dim=1)
 
 
+#: Losses known by name; any other must be an import path.
+LOSSES = ("mse", "l2", "portilla_simoncelli")
+
+
 def make_loss(
     name: str, model: torch.nn.Module, target: Tensor
 ) -> Callable[[Tensor, Tensor], Tensor]:
@@ -97,6 +102,11 @@ def make_loss(
     if name == "portilla_simoncelli":
         import plenoptic as po
 
+        if not hasattr(model, "convert_to_dict"):
+            raise InputError(
+                f"loss portilla_simoncelli needs a PortillaSimoncelli model, not "
+                f"{type(model).__name__}; use loss: mse or l2"
+            )
         return _per_sample(po.loss.portilla_simoncelli_loss_factory(model, target))
     from ..models import resolve_target
 

@@ -130,13 +130,24 @@ class Constraint:
         scale = (grad * normal).sum(1) / normal.pow(2).sum(1).clamp_min(1e-30)
         variable.grad.sub_((scale[:, None] * normal).view_as(variable.grad))
 
-    def correct(self, variable: Tensor) -> None:
-        """One Newton step per sample back onto ``g(x) = target``."""
-        value, normal = self._value_and_gradient(variable)
-        flat = normal.flatten(1)
-        step = (value - self.target) / flat.pow(2).sum(1).clamp_min(1e-30)
-        with torch.no_grad():
-            variable.sub_((step[:, None] * flat).view_as(variable))
+    def correct(
+        self, variable: Tensor, rtol: float = 1e-4, max_steps: int = 10
+    ) -> None:
+        """Newton steps per sample back onto ``g(x) = target``.
+
+        Steps are taken until every sample is within ``rtol`` of its target
+        (relative) or ``max_steps`` were taken: where ``g`` curves strongly, one
+        step can leave a sample far off the level set.
+        """
+        for _ in range(max_steps):
+            value, normal = self._value_and_gradient(variable)
+            error = value - self.target
+            if bool((error.abs() <= rtol * self.target.abs()).all()):
+                return
+            flat = normal.flatten(1)
+            step = error / flat.pow(2).sum(1).clamp_min(1e-30)
+            with torch.no_grad():
+                variable.sub_((step[:, None] * flat).view_as(variable))
 
 
 @dataclass
