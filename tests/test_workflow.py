@@ -188,3 +188,20 @@ def test_adding_an_image_runs_only_the_new_runs(study, tmp_path):
     assert counts["check_model"] == 1
     assert "pin_model" not in counts
     assert "synthesize_geodesic" not in counts
+
+
+def test_a_missing_image_file_stops_the_study_with_its_entry_and_no_traceback(
+    tmp_path,
+):
+    config = {
+        "images": {"mine": {"source": "photos/missing.png", "size": [32, 32]}},
+        "models": {"onoff": TINY["models"]["onoff"]},
+        "metamer": {"front": {"model": "onoff", "images": ["mine"], "max_iter": 5}},
+    }
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(config))
+    result = snakemake(tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "images.mine: image file 'photos/missing.png' does not exist" in output
+    assert "Traceback" not in output
+    assert not (tmp_path / "results" / "runs").exists()

@@ -102,6 +102,7 @@ def synthesize_mad(
     penalty_lambda: float = 0.1,
     stop: dict[str, Any] | None = None,
     snapshot_every: int = 0,
+    initial: Tensor | None = None,
 ) -> MADResult:
     """Synthesise the four MAD images of a metric pair around ``reference_image``.
 
@@ -137,6 +138,9 @@ def synthesize_mad(
         name; derived per direction with :func:`derive_tradeoff` if None.
     optimizer, penalty_lambda, stop, snapshot_every
         As in :func:`~stimsynth.synthesis.metamer.synthesize_metamer`.
+    initial
+        The starting image (1, channel, y, x), used as given instead of the noisy
+        reference image.
 
     Returns
     -------
@@ -153,12 +157,15 @@ def synthesize_mad(
         Direction(second, first, "max"),
     ]
     reference_image = reference_image.detach()
-    noise = torch.randn(
-        reference_image.shape, generator=torch.Generator().manual_seed(int(seed))
-    ).to(device=reference_image.device, dtype=reference_image.dtype)
-    # Clamped to the valid pixel range, so that metrics defined on [0, 1] images
-    # (SSIM among them) see a valid image from the first iteration.
-    start = (reference_image + initial_noise * noise).clamp(0, 1)
+    if initial is None:
+        noise = torch.randn(
+            reference_image.shape, generator=torch.Generator().manual_seed(int(seed))
+        ).to(device=reference_image.device, dtype=reference_image.dtype)
+        # Clamped to the valid pixel range, so that metrics defined on [0, 1]
+        # images (SSIM among them) see a valid image from the first iteration.
+        start = (reference_image + initial_noise * noise).clamp(0, 1)
+    else:
+        start = initial.detach().to(reference_image)
     initial = start.expand(len(directions), *start.shape[1:]).clone()
 
     with torch.no_grad():
