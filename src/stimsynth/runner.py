@@ -8,7 +8,6 @@ and publishes the store at its final path.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import platform
@@ -45,7 +44,11 @@ SAMPLE_DIMS = {
 SNAPSHOTS = {
     "metamer": ("metamer_snapshot", ("channel", "y", "x")),
     "mad": ("mad_image_snapshot", ("channel", "y", "x")),
-    "eigendistortion": ("unused_snapshot", ("channel", "y", "x")),
+    # Power iteration keeps no snapshots, so this name is never written.
+    "eigendistortion": (
+        "eigendistortion_snapshot",
+        ("eigenindex", "channel", "y", "x"),
+    ),
     "geodesic": ("path_snapshot", ("step", "channel", "y", "x")),
 }
 
@@ -366,8 +369,3 @@ def git_commit() -> str:
     except (OSError, subprocess.SubprocessError):
         return ""
     return commit
-
-
-def describe(spec: dict[str, Any]) -> str:
-    """One line naming a run and its settings, for logs."""
-    return f"{spec['run_id']} {json.dumps(spec['settings'], sort_keys=True)}"
