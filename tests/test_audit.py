@@ -22,6 +22,7 @@ import yaml
 import zarr
 from zarr.errors import ZarrUserWarning
 
+import stimsynth
 from stimsynth.audit import (
     COLUMNS,
     audit_run,
@@ -34,6 +35,7 @@ from stimsynth.audit import (
 )
 from stimsynth.cli import main
 from stimsynth.config import DEFAULT_SCHEMA, ConfigError
+from stimsynth.images import prepare_image, save_image
 from stimsynth.store import open_run
 
 # Loose enough that every untouched 60-iteration sample store passes.
@@ -594,3 +596,21 @@ def test_cli_inspect_of_a_non_store_exits_1(tmp_path, capsys):
     assert code == 1
     assert captured.out == ""
     assert "is not a run store" in captured.err
+
+
+def test_cli_inspect_of_a_prepared_image_says_so(results, capsys):
+    image = results.parent / "einstein.zarr"
+    save_image(
+        prepare_image("einstein", {"source": "plenoptic:einstein", "size": [8, 8]}),
+        image,
+    )
+
+    code = main(["inspect", str(image)])
+
+    assert code == 1
+    assert "holds a prepared image, not a run" in capsys.readouterr().err
+
+
+def test_cli_version(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"stimsynth {stimsynth.__version__}"

@@ -20,6 +20,7 @@ from typing import Any, NoReturn
 import numpy as np
 import xarray as xr
 
+from . import __version__
 from .audit import audit_study, find_run_stores, summarize, write_audit
 from .config import ConfigError, load_config
 from .store import StoreError, open_run, run_spec
@@ -95,6 +96,9 @@ def _parser() -> _Parser:
     )
     parser.add_argument(
         "-v", "--verbose", action="store_true", help="log every check to stderr"
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"stimsynth {__version__}"
     )
     commands = parser.add_subparsers(
         title="commands", dest="subcommand", metavar="COMMAND", required=True

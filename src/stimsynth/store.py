@@ -236,6 +236,8 @@ def open_run(path: str | os.PathLike) -> xr.Dataset:
             f"{path} could not be opened as a run store: {error}"
         ) from error
     if "status" not in dataset.attrs:
+        if "run_id" not in dataset.attrs and "image" in dataset:
+            raise StoreError(f"{path} holds a prepared image, not a run")
         raise StoreError(f"{path} has no outcome: the run that wrote it never finished")
     return dataset
 
