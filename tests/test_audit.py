@@ -42,7 +42,7 @@ from stimsynth.store import open_run
 LENIENT = {
     "metamer": {"max_relative_loss": 0.5},
     "mad": {"max_reference_drift": 50.0},
-    "eigendistortion": {"max_residual": 0.05},
+    "eigendistortion": {"max_residual": 0.05, "max_eigenvalue_change": 10.0},
 }
 
 RUNS = {
@@ -614,3 +614,29 @@ def test_cli_inspect_of_a_prepared_image_says_so(results, capsys):
 def test_cli_version(capsys):
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == f"stimsynth {stimsynth.__version__}"
+
+
+def test_eigendistortion_whose_estimate_still_moves_fails(results):
+    store = store_of(results, "eigendistortion")
+    trace = np.array(zarr.open_array(store / "eigenvalue_trace")[...])
+    ends = [int(np.flatnonzero(np.isfinite(trace[:, i]))[-1]) for i in (0, 1)]
+    thresholds = LENIENT | {"eigendistortion": {"max_residual": 0.05}}
+
+    # Both estimates held still over their last 50 iterations: steady.
+    for column, last in enumerate(ends):
+        edit(
+            store,
+            "eigenvalue_trace",
+            with_value((last - 50, column), trace[last, column]),
+        )
+    assert audit_run(store, thresholds)["verdict"] == "pass"
+
+    # The bottom estimate still falling, by 10% over its last 50 iterations.
+    bottom = ends[1]
+    edit(
+        store, "eigenvalue_trace", with_value((bottom - 50, 1), trace[bottom, 1] * 1.1)
+    )
+    row = audit_run(store, thresholds)
+    assert row["verdict"] == "fail"
+    assert failed_checks(row) == {"eigenvalues steady"}
+    assert "eigenindex 2303 changed by 1.00e-01" in row["reasons"]
