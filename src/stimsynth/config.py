@@ -148,7 +148,10 @@ def _describe(error: jsonschema.ValidationError) -> str:
     message = f"{where}: {error.message}"
     if error.validator == "type" and _reads_as_number(error.instance):
         # YAML 1.1 reads 1e-3 as text: it wants a dot in the mantissa.
-        message += f"; YAML reads {error.instance} as text, write it as 1.0e-3 style"
+        message += (
+            f"; YAML reads {error.instance} as text: write the number with a dot, "
+            "as in 1.0e-3"
+        )
     return f"{message} ({hint})" if hint else message
 
 
@@ -233,6 +236,13 @@ def _check_settings(config: dict[str, Any]) -> None:
             raise ConfigError(
                 f"metamer.{group}.loss: {loss!r} is not a loss; use one of "
                 f"{', '.join(LOSSES)}, or the import path of a function"
+            )
+        target = config["models"][settings["model"]]["target"]
+        if loss == "portilla_simoncelli" and not target.endswith("PortillaSimoncelli"):
+            raise ConfigError(
+                f"metamer.{group}.loss: portilla_simoncelli is the loss for "
+                f"PortillaSimoncelli models, and model {settings['model']!r} is "
+                f"{target}; use loss: mse or l2"
             )
     for group, settings in config["eigendistortion"].items():
         for image in settings["images"]:

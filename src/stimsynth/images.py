@@ -75,7 +75,11 @@ def load_source(source: str, color: bool = False) -> tuple[np.ndarray, list[str]
 
 def _read_file(path: Path, color: bool) -> tuple[np.ndarray, list[str]]:
     if not path.is_file():
-        raise ImageError(f"image file {str(path)!r} does not exist")
+        where = "" if path.is_absolute() else f" (looked for {path.resolve()})"
+        raise ImageError(
+            f"image file {str(path)!r} does not exist{where}; relative paths are "
+            "read from the directory Snakemake runs in"
+        )
     if path.suffix.lower() not in FILE_SUFFIXES:
         raise ImageError(
             f"image file {str(path)!r} has an unsupported type; use one of "
