@@ -39,6 +39,7 @@ import xarray as xr
 
 from .config import validate_config
 from .store import FORMAT_VERSION, StoreError, open_run, run_spec
+from .synthesis.optimize import FAILED_STATUSES, USABLE_STATUSES
 
 logger = logging.getLogger(__name__)
 
@@ -87,9 +88,6 @@ UNIT_NORM_TOLERANCE = 1e-3
 
 # The schema requires one image; the audit section validates independently of it.
 _MINIMAL_CONFIG = {"images": {"a": {"source": "plenoptic:einstein", "size": [8, 8]}}}
-
-_GOOD_STATUSES = ("converged", "max_iter")
-_BAD_STATUSES = ("diverged", "failed")
 
 
 @dataclass(frozen=True)
@@ -451,9 +449,9 @@ def _status_check(status: Any) -> _Check:
         return _Check(
             "status", True, "stopped at max_iter without meeting the stop rule"
         )
-    if status in _BAD_STATUSES:
+    if status in FAILED_STATUSES:
         return _Check("status", False, f"the run {status} (see stop_reason)")
-    expected = ", ".join(_GOOD_STATUSES + _BAD_STATUSES)
+    expected = ", ".join(USABLE_STATUSES + FAILED_STATUSES)
     return _Check("status", False, f"unknown status {status!r} (expected {expected})")
 
 

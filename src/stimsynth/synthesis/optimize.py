@@ -25,8 +25,10 @@ from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
 
-#: Outcomes a sample (and, by its worst sample, a run) can end with.
-STATUSES = ("converged", "max_iter", "diverged", "failed")
+#: Outcomes a sample (and, by its worst sample, a run) can end with: those whose
+#: result may be usable, and those whose result is not.
+USABLE_STATUSES = ("converged", "max_iter")
+FAILED_STATUSES = ("diverged", "failed")
 
 Objective = Callable[[Tensor], tuple[Tensor, dict[str, Tensor]]]
 
