@@ -279,7 +279,8 @@ def optimize(
     opt = make_optimizer([variable], optimizer)
     scheduler = make_scheduler(opt, optimizer.get("scheduler"))
     n_samples = variable.shape[0]
-    active = torch.ones(n_samples, dtype=torch.bool, device=variable.device)
+    active = np.ones(n_samples, dtype=bool)
+    running = _mask(active, variable)
     status = ["max_iter"] * n_samples
     reason = [f"reached max_iter={stop.max_iter}"] * n_samples
     stop_iteration = [stop.max_iter] * n_samples
@@ -306,22 +307,26 @@ def optimize(
         opt.step()
         if constraint is not None:
             constraint.correct(variable)
-        if scheduler is not None:
-            scheduler.step(float(values.detach()[active].sum()))
         with torch.no_grad():
             # A finished sample keeps the image it finished with.
-            variable[~active] = before[~active]
+            variable.copy_(torch.where(running, variable, before))
 
-        objective_now = values.detach().cpu().numpy().astype(np.float64)
-        history[iteration] = objective_now
-        scalars = {
-            "objective": objective_now,
-            **{k: v.detach().cpu().numpy() for k, v in parts.items()},
-            "gradient_norm": _per_sample_norm(variable.grad),
-            "pixel_change_norm": _per_sample_norm(variable.detach() - before),
-            "learning_rate": np.float64(opt.param_groups[0]["lr"]),
-        }
+        # One transfer from the device per iteration rather than one per number.
+        names = ["objective", *parts, "gradient_norm", "pixel_change_norm"]
+        with torch.no_grad():
+            rows = [
+                values,
+                *parts.values(),
+                _per_sample_norm(variable.grad),
+                _per_sample_norm(variable - before),
+            ]
+            table = torch.stack([r.detach().to(torch.float64) for r in rows])
+        scalars = dict(zip(names, table.cpu().numpy(), strict=True))
+        scalars["learning_rate"] = np.float64(opt.param_groups[0]["lr"])
+        history[iteration] = scalars["objective"]
         recorder.record(iteration, scalars)
+        if scheduler is not None:
+            scheduler.step(float(np.nansum(scalars["objective"][active])))
 
         finished = _judge(history[: iteration + 1], stop, active, status, reason)
         for s in finished:
@@ -332,19 +337,21 @@ def optimize(
                     # Keep the last image the objective was computed on, not the
                     # step taken along a non-finite gradient.
                     variable[s] = before[s]
+        if finished:
+            running = _mask(active, variable)
         if iteration % 50 == 0:
-            progress.set_postfix(objective=f"{np.nanmean(objective_now):.4g}")
+            progress.set_postfix(objective=f"{np.nanmean(history[iteration]):.4g}")
         if iteration % report_every == 0:
             logger.info(
                 "%s iteration %d/%d: objective %s, %d of %d samples still running",
                 description,
                 iteration,
                 stop.max_iter,
-                np.array2string(objective_now, precision=4),
+                np.array2string(history[iteration], precision=4),
                 int(active.sum()),
                 n_samples,
             )
-        if not bool(active.any()):
+        if not active.any():
             break
     progress.close()
 
@@ -358,10 +365,16 @@ def optimize(
     )
 
 
+def _mask(active: np.ndarray, variable: Tensor) -> Tensor:
+    """The running samples as a mask that broadcasts against the variable."""
+    shape = (len(active),) + (1,) * (variable.dim() - 1)
+    return torch.from_numpy(active.copy()).to(variable.device).view(shape)
+
+
 def _judge(
     history: np.ndarray,
     stop: StopCriterion,
-    active: Tensor,
+    active: np.ndarray,
     status: list[str],
     reason: list[str],
 ) -> list[int]:
@@ -370,7 +383,7 @@ def _judge(
     converged = stop.converged(history)
     last = history[-1]
     for s in range(history.shape[1]):
-        if not bool(active[s]):
+        if not active[s]:
             continue
         if not math.isfinite(last[s]):
             status[s] = "diverged"
@@ -388,16 +401,9 @@ def _judge(
     return finished
 
 
-def _per_sample_norm(tensor: Tensor | None) -> np.ndarray:
-    """L2 norm of each sample of a (samples, ...) tensor, as float64."""
-    if tensor is None:
-        return np.full(1, np.nan)
-    return (
-        torch.linalg.vector_norm(tensor.detach().flatten(1), dim=1)
-        .cpu()
-        .numpy()
-        .astype(np.float64)
-    )
+def _per_sample_norm(tensor: Tensor) -> Tensor:
+    """L2 norm of each sample of a (samples, ...) tensor."""
+    return torch.linalg.vector_norm(tensor.detach().flatten(1), dim=1)
 
 
 def range_penalty(image: Tensor, low: float = 0.0, high: float = 1.0) -> Tensor:
