@@ -159,7 +159,7 @@ def _exact(
     order = list(range(n - 1, n - 1 - k, -1)) + list(range(k - 1, -1, -1))
     eigenvalues = values[order]
     eigenvectors = vectors[:, order].T
-    residuals = _residuals(operator, eigenvectors, eigenvalues)
+    residuals = _rayleigh(eigenvectors, operator.matvec(eigenvectors))[1]
     recorder.record(
         0, {"eigenvalue_trace": _np(eigenvalues), "residual_trace": _np(residuals)}
     )
@@ -199,8 +199,7 @@ def _power(
         operator.matvec, start[k:], max_iter, tol, lambda_max, trace, k
     )
     vectors = torch.cat([top, bottom.flip(0)])
-    values = torch.einsum("kn,kn->k", vectors, operator.matvec(vectors))
-    residuals = _residuals(operator, vectors, values)
+    values, residuals = _rayleigh(vectors, operator.matvec(vectors))
     ok = top_ok and bottom_ok
     worst = float(residuals.max()) / lambda_max
     counts = f"{top_iters} top and {bottom_iters} bottom power iterations"
@@ -257,8 +256,7 @@ def _power_block(matvec, start, max_iter, tol, shift, trace, offset):
     )
     for iteration in steps:
         fv = matvec(vectors)
-        values = torch.einsum("kn,kn->k", vectors, fv)
-        residuals = torch.linalg.vector_norm(fv - values[:, None] * vectors, dim=1)
+        values, residuals = _rayleigh(vectors, fv)
         trace.record(offset, values, residuals)
         history.append(values)
         if iteration % max(1, max_iter // 10) == 0:
@@ -309,10 +307,10 @@ class _Trace:
         self._iteration += 1
 
 
-def _residuals(operator: FisherOperator, vectors: Tensor, values: Tensor) -> Tensor:
-    """``|F v - lambda v|`` for each eigenpair."""
-    fv = operator.matvec(vectors)
-    return torch.linalg.vector_norm(fv - values[:, None] * vectors, dim=1)
+def _rayleigh(vectors: Tensor, fv: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigenvalue estimates ``v . Fv`` and residuals ``|Fv - lambda v|``."""
+    values = torch.einsum("kn,kn->k", vectors, fv)
+    return values, torch.linalg.vector_norm(fv - values[:, None] * vectors, dim=1)
 
 
 def _np(tensor: Tensor) -> np.ndarray:
