@@ -47,13 +47,11 @@ class ConfigError(InputError):
 
 @dataclass
 class Study:
-    """What a config asks for: prepared images, models, metrics and runs."""
+    """What a config asks for: its runs, and the image size of each model."""
 
     config: dict[str, Any]
     runs: dict[str, dict[str, Any]]
     model_shapes: dict[str, list[int]] = field(default_factory=dict)
-    model_images: dict[str, list[str]] = field(default_factory=dict)
-    metric_images: dict[str, list[str]] = field(default_factory=dict)
 
     def runs_of(self, method: str) -> list[str]:
         """Run ids of one method, in config order."""
@@ -176,7 +174,7 @@ def plan_study(config: dict[str, Any]) -> Study:
     Returns
     -------
     study
-        The runs by id, and which images each model and metric will see.
+        The runs by id, and the image size each model is built for.
 
     Raises
     ------
@@ -201,7 +199,7 @@ def plan_study(config: dict[str, Any]) -> Study:
                         study, settings["model"], image_ids, where, models, images
                     )
                 else:
-                    _use_metrics(study, settings["metrics"], image_ids, where, metrics)
+                    _use_metrics(settings["metrics"], where, metrics)
                 for seed in settings["seeds"]:
                     run_id = f"{method}/{group}/{image_name}/seed{seed}"
                     study.runs[run_id] = _run_spec(
@@ -302,11 +300,9 @@ def _use_model(study, name, image_ids, where, models, images):
             "images one size or define a second model entry"
         )
     study.model_shapes[name] = list(sizes.pop())
-    seen = study.model_images.setdefault(name, [])
-    seen.extend(i for i in image_ids if i not in seen)
 
 
-def _use_metrics(study, names, image_ids, where, metrics):
+def _use_metrics(names, where, metrics):
     if names[0] == names[1]:
         raise ConfigError(
             f"{where}.metrics: MAD competition needs two different metrics, got "
@@ -314,8 +310,6 @@ def _use_metrics(study, names, image_ids, where, metrics):
         )
     for name in names:
         _require(name, metrics, f"{where}.metrics", "metrics")
-        seen = study.metric_images.setdefault(name, [])
-        seen.extend(i for i in image_ids if i not in seen)
 
 
 def _require(name, defined, where, section):
