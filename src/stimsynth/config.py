@@ -206,6 +206,7 @@ def plan_study(config: dict[str, Any]) -> Study:
                         config, method, group, image_name, seed, settings, image_ids
                     )
     _check_settings(config)
+    _check_optimization(config)
     if not study.runs:
         raise ConfigError(
             "the config defines no runs; add a run group under metamer, mad, "
@@ -276,6 +277,78 @@ def _check_settings(config: dict[str, Any]) -> None:
                 )
 
 
+#: Optimiser settings each optimiser takes, besides name, lr and scheduler.
+OPTIMIZER_OPTIONS = {
+    "adam": ("amsgrad", "betas", "weight_decay"),
+    "sgd": ("momentum", "nesterov", "weight_decay"),
+    "lbfgs": ("history_size", "line_search"),
+}
+
+
+def _check_optimization(config: dict[str, Any]) -> None:
+    """Catch optimisation settings that fit the schema but not each other."""
+    for method in ("metamer", "mad", "geodesic"):
+        for group, settings in config[method].items():
+            where = f"{method}.{group}"
+            optimizer = settings["optimizer"]
+            name = optimizer["name"]
+            foreign = [
+                key
+                for key in optimizer
+                if key not in ("name", "lr", "scheduler")
+                and key not in OPTIMIZER_OPTIONS[name]
+            ]
+            if foreign:
+                raise ConfigError(
+                    f"{where}.optimizer: {', '.join(foreign)} is not a setting of "
+                    f"{name}, which takes {', '.join(OPTIMIZER_OPTIONS[name])}; "
+                    "remove it or choose the optimiser it belongs to"
+                )
+            if method == "mad" and name == "lbfgs":
+                raise ConfigError(
+                    f"{where}.optimizer: lbfgs couples the four MAD images, which "
+                    "are synthesised together; use adam or sgd"
+                )
+    for group, settings in config["metamer"].items():
+        where = f"metamer.{group}"
+        ctf = settings["coarse_to_fine"]
+        if ctf is None:
+            continue
+        if settings["loss"] == "portilla_simoncelli":
+            raise ConfigError(
+                f"{where}.coarse_to_fine: the portilla_simoncelli loss weighs the "
+                "whole representation and cannot follow one scale at a time; use "
+                "loss: l2 or mse with coarse_to_fine"
+            )
+        target = config["models"][settings["model"]]["target"]
+        if not _takes_scales(target):
+            raise ConfigError(
+                f"{where}.coarse_to_fine: model {settings['model']!r} ({target}) "
+                "has no scales to go through (its forward takes no scales "
+                "argument); use a model such as plenoptic.models.PortillaSimoncelli, "
+                "or set coarse_to_fine: null"
+            )
+
+
+def _takes_scales(target: str) -> bool:
+    """Whether a model class's forward takes a ``scales`` argument; True when the
+    target cannot be inspected here (the model check finds out)."""
+    import inspect
+
+    from .models import resolve_target
+
+    try:
+        forward = getattr(resolve_target(target), "forward", None)
+    except Exception:  # noqa: BLE001 - an unimportable target is reported elsewhere
+        return True
+    if forward is None:
+        return True
+    try:
+        return "scales" in inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        return True
+
+
 def _images_of(method, settings, where, images):
     """(name in the run id, images the run reads) for each run of a group."""
     if method == "geodesic":
@@ -286,6 +359,23 @@ def _images_of(method, settings, where, images):
         return [(settings["start"], [settings["start"], end_name])]
     for name in settings["images"]:
         _require(name, images, f"{where}.images", "images")
+    initial = settings.get("initial")
+    if isinstance(initial, dict):
+        # A metamer that starts from one of the study's images reads it too.
+        start = initial["image"]
+        _require(start, images, f"{where}.initial.image", "images")
+        for name in settings["images"]:
+            shape = [(images[n]["size"], images[n]["color"]) for n in (start, name)]
+            if shape[0] != shape[1]:
+                raise ConfigError(
+                    f"{where}.initial.image: {start!r} does not have the size and "
+                    f"colour of target image {name!r}; give the two images one size "
+                    "and colour, or start from uniform"
+                )
+        return [
+            (name, list(dict.fromkeys([name, initial["image"]])))
+            for name in settings["images"]
+        ]
     return [(name, [name]) for name in settings["images"]]
 
 

@@ -7,7 +7,7 @@ recorder and returns its result; none of them reads or writes files.
 from .eigendistortion import synthesize_eigendistortion
 from .geodesic import synthesize_geodesic
 from .mad import synthesize_mad
-from .metamer import synthesize_metamer
+from .metamer import CoarseToFine, synthesize_metamer
 
 #: Version of the synthesis engine's numerics. It is part of every run spec, so
 #: raising it reruns every synthesis; raise it when a change alters results.
@@ -15,6 +15,7 @@ ENGINE_VERSION = 1
 
 __all__ = [
     "ENGINE_VERSION",
+    "CoarseToFine",
     "synthesize_eigendistortion",
     "synthesize_geodesic",
     "synthesize_mad",

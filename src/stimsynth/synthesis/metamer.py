@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -32,6 +33,10 @@ class MetamerResult:
     initial_loss: Tensor
     final_loss: Tensor
     optimization: OptimizationResult
+    #: Coarse-to-fine stages in the order they ran (empty without coarse-to-fine).
+    stages: list[str] = field(default_factory=list)
+    #: Iteration at which each stage started; a stage never reached has -1.
+    stage_start: list[int] = field(default_factory=list)
 
 
 def initial_noise(shape: tuple[int, ...], seeds: list[int]) -> Tensor:
@@ -144,6 +149,151 @@ def initial_images(
     raise ValueError(f"initial image {kind!r} is not known; use uniform or gray")
 
 
+#: Penalties known by name; any other must be an import path.
+PENALTIES = ("range",)
+
+
+def make_penalty(name: str) -> Callable[[Tensor], Tensor]:
+    """The penalty on the image of a metamer run, giving one value per sample.
+
+    Parameters
+    ----------
+    name
+        ``range`` (the sum of squared excursions of pixels outside [0, 1]) or the
+        import path of a function ``penalty(image)`` of one image (1, channel, y, x)
+        returning a scalar, as plenoptic's ``penalty_function``.
+
+    Returns
+    -------
+    penalty
+        Maps images (samples, channel, y, x) to one value per sample.
+    """
+    if name == "range":
+        return range_penalty
+    from ..models import resolve_target
+
+    function = resolve_target(name)
+
+    def per_sample(images: Tensor) -> Tensor:
+        return torch.stack(
+            [function(images[i : i + 1]).reshape(()) for i in range(len(images))]
+        )
+
+    return per_sample
+
+
+@dataclass(frozen=True)
+class CoarseToFine:
+    """Coarse-to-fine synthesis over a model's scales, as plenoptic's MetamerCTF.
+
+    The model must have a ``scales`` attribute (coarsest first, as
+    plenoptic's PortillaSimoncelli lists them) and take a ``scales`` keyword that
+    restricts its output to those scales. The run steps along the loss of one
+    stage at a time: each scale but the last in turn (``together``: with the
+    scales already finished; ``separate``: alone, the last scale included), then
+    all scales at once. A stage ends once it has run ``window`` iterations and
+    its objective changed by less than ``change_tol`` over the last ``window``
+    (or, with ``change_tol`` None, as soon as it has run ``window`` iterations).
+    The learning rate returns to its starting value at every new stage. The run
+    may be judged converged only in the final stage, after at least ``window``
+    iterations and two convergence windows there.
+
+    Parameters
+    ----------
+    mode
+        ``together`` or ``separate``.
+    change_tol
+        Absolute change of a stage's objective over ``window`` iterations below
+        which the stage ends.
+    window
+        Fewest iterations of a stage, and the span over which its change is taken.
+    """
+
+    mode: str = "together"
+    change_tol: float | None = 1e-2
+    window: int = 50
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("together", "separate"):
+            raise ValueError(
+                f"coarse-to-fine mode {self.mode!r} is not known; use together or "
+                "separate"
+            )
+        if self.window < 1:
+            raise ValueError(f"window must be at least 1, got {self.window}")
+
+    def stages(self, model: torch.nn.Module) -> list:
+        """The stages a run goes through, the last being ``"all"``."""
+        scales = getattr(model, "scales", None)
+        if not scales:
+            raise InputError(
+                f"coarse-to-fine needs a model with a scales attribute, and "
+                f"{type(model).__name__} has none; use a model with scales (such "
+                "as PortillaSimoncelli) or leave coarse_to_fine out"
+            )
+        stages = list(scales[:-1])
+        if self.mode == "separate":
+            stages.append(scales[-1])
+        return [*stages, "all"]
+
+
+class _ScaleSchedule:
+    """Moves a coarse-to-fine run from stage to stage (see :class:`CoarseToFine`)."""
+
+    def __init__(self, ctf: CoarseToFine, stages: list, stop: StopCriterion):
+        self.ctf = ctf
+        self.stages = stages
+        self.stage = 0
+        self.stage_start = [0]
+        self._stage_objective: list[float] = []
+        self._final_span = max(ctf.window, 2 * stop.window)
+
+    @property
+    def final(self) -> bool:
+        return self.stage == len(self.stages) - 1
+
+    def scales(self) -> list | None:
+        """The scales the current stage optimises; None for all of them."""
+        if self.final:
+            return None
+        current = [self.stages[self.stage]]
+        if self.ctf.mode == "together":
+            return current + self.stages[: self.stage]
+        return current
+
+    def record(self) -> dict[str, np.ndarray]:
+        return {"stage": np.int64(self.stage)}
+
+    def update(self, iteration, scalars, optimizer) -> None:
+        self._stage_objective.append(float(np.nansum(scalars["stage_objective"])))
+        if self.final:
+            return
+        window = self.ctf.window
+        ran = iteration + 1 - self.stage_start[-1]
+        history = self._stage_objective
+        if ran < window or len(history) < window:
+            return
+        if self.ctf.change_tol is not None and not (
+            abs(history[-1] - history[-window]) < self.ctf.change_tol
+        ):
+            return
+        self.stage += 1
+        self.stage_start.append(iteration + 1)
+        for group, lr in zip(optimizer.param_groups, self._initial_lr, strict=True):
+            group["lr"] = lr
+        logger.info(
+            "coarse-to-fine: stage %s starts at iteration %d",
+            self.stages[self.stage],
+            iteration + 1,
+        )
+
+    def start(self, optimizer) -> None:
+        self._initial_lr = [group["lr"] for group in optimizer.param_groups]
+
+    def may_stop(self, iteration: int) -> bool:
+        return self.final and iteration + 1 - self.stage_start[-1] >= self._final_span
+
+
 def synthesize_metamer(
     model: torch.nn.Module,
     target: Tensor,
@@ -157,12 +307,15 @@ def synthesize_metamer(
     snapshot_every: int = 0,
     loss: str = "mse",
     initial: str | Tensor = "uniform",
+    penalty: str = "range",
+    coarse_to_fine: CoarseToFine | None = None,
 ) -> MetamerResult:
     """Synthesise one metamer per seed of ``target`` for ``model``.
 
     The objective of a sample is the loss between its representation and the
     target's (by default their mean squared difference), plus ``penalty_lambda``
-    times the squared excursion of its pixels outside [0, 1].
+    times a penalty on its pixels (by default their squared excursion outside
+    [0, 1]).
 
     Parameters
     ----------
@@ -179,7 +332,7 @@ def synthesize_metamer(
     optimizer
         Optimiser spec, default Adam with lr 0.01 and amsgrad.
     penalty_lambda
-        Weight of the range penalty.
+        Weight of the penalty.
     stop
         Convergence settings, keyword arguments of :class:`StopCriterion`.
     snapshot_every
@@ -189,6 +342,12 @@ def synthesize_metamer(
     initial
         ``uniform`` or ``gray`` (see :func:`initial_images`), or the starting images
         themselves, (samples, channel, y, x).
+    penalty
+        ``range`` or the import path of a penalty function, see
+        :func:`make_penalty`.
+    coarse_to_fine
+        Step along one scale of the model at a time before all of them, see
+        :class:`CoarseToFine`.
 
     Returns
     -------
@@ -199,23 +358,61 @@ def synthesize_metamer(
     with torch.no_grad():
         target_representation = model(target)
     loss_function = make_loss(loss, model, target)
+    penalty_function = make_penalty(penalty)
     if isinstance(initial, str):
         initial = initial_images(initial, target, seeds)
     initial = initial.to(device=target.device, dtype=target.dtype)
+    stop_criterion = StopCriterion(max_iter=max_iter, **(stop or {}))
 
-    def objective(images: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def full_objective(images: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         value = loss_function(model(images), target_representation)
-        penalty = range_penalty(images)
+        penalty = penalty_function(images)
         return value + penalty_lambda * penalty, {"loss": value, "penalty": penalty}
+
+    schedule = None
+    objective = full_objective
+    if coarse_to_fine is not None:
+        if loss == "portilla_simoncelli":
+            raise InputError(
+                "coarse-to-fine cannot use loss portilla_simoncelli, whose weights "
+                "are laid out for the whole representation; use loss: l2 or mse"
+            )
+        schedule = _ScaleSchedule(
+            coarse_to_fine, coarse_to_fine.stages(model), stop_criterion
+        )
+        targets: dict[int, Tensor] = {}
+
+        def objective(images: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+            scales = schedule.scales()
+            if scales is None:
+                value, parts = full_objective(images)
+                return value, {**parts, "stage_objective": value}
+            if schedule.stage not in targets:
+                with torch.no_grad():
+                    targets[schedule.stage] = model(target, scales=scales)
+            penalty = penalty_function(images)
+            stage_loss = loss_function(
+                model(images, scales=scales), targets[schedule.stage]
+            )
+            stage_value = stage_loss + penalty_lambda * penalty
+            # What the run is judged on is the loss over all scales.
+            with torch.no_grad():
+                value, parts = full_objective(images)
+            return stage_value, {
+                "objective": value,
+                **parts,
+                "stage_objective": stage_value,
+            }
 
     result = optimize(
         initial,
         objective,
         optimizer or {"name": "adam"},
-        StopCriterion(max_iter=max_iter, **(stop or {})),
+        stop_criterion,
         recorder,
         snapshot_every=snapshot_every,
         description="metamer",
+        schedule=schedule,
     )
     with torch.no_grad():
         initial_loss = loss_function(model(initial), target_representation)
@@ -227,4 +424,10 @@ def synthesize_metamer(
         initial_loss=initial_loss,
         final_loss=final_loss,
         optimization=result,
+        stages=[str(stage) for stage in schedule.stages] if schedule else [],
+        stage_start=(schedule.stage_start + [-1] * len(schedule.stages))[
+            : len(schedule.stages)
+        ]
+        if schedule
+        else [],
     )

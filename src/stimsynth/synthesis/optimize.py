@@ -33,6 +33,27 @@ FAILED_STATUSES = ("diverged", "failed")
 Objective = Callable[[Tensor], tuple[Tensor, dict[str, Tensor]]]
 
 
+class Schedule(Protocol):
+    """Changes what a loop optimises as it goes (coarse-to-fine's stages).
+
+    The loop asks it, after each iteration, what to record with that iteration
+    and whether to move on; and, when judging convergence, whether a sample may
+    stop yet.
+    """
+
+    def start(self, optimizer: torch.optim.Optimizer) -> None:
+        """Note the optimiser's starting state, before the first step."""
+
+    def record(self) -> dict[str, np.ndarray]:
+        """Scalars describing the iteration just taken (its stage, say)."""
+
+    def update(self, iteration: int, scalars: dict[str, np.ndarray], optimizer) -> None:
+        """Decide, from iteration ``iteration``'s scalars, what the next one does."""
+
+    def may_stop(self, iteration: int) -> bool:
+        """Whether the run may be judged converged after ``iteration``."""
+
+
 class Recorder(Protocol):
     """Where a loop sends its trajectory (a run store, or a list in tests)."""
 
@@ -177,13 +198,17 @@ def make_optimizer(params: list[Tensor], spec: dict[str, Any]) -> torch.optim.Op
     """Build a torch optimiser from a spec such as ``{"name": "adam", "lr": 0.01}``.
 
     Adam defaults to ``amsgrad=True`` and a learning rate of 0.01, as plenoptic does.
+    L-BFGS takes one quasi-Newton step per iteration of the loop, with a strong
+    Wolfe line search unless ``line_search: none`` is given, and keeps
+    ``history_size`` past steps (default 100).
 
     Parameters
     ----------
     params
         Tensors to optimise.
     spec
-        ``name`` (``adam`` or ``sgd``) and keyword arguments for the optimiser; a
+        ``name`` (``adam``, ``sgd`` or ``lbfgs``) and keyword arguments for the
+        optimiser; a
         ``scheduler`` entry is read by :func:`make_scheduler`, not here.
 
     Returns
@@ -205,7 +230,21 @@ def make_optimizer(params: list[Tensor], spec: dict[str, Any]) -> torch.optim.Op
     if name == "sgd":
         kwargs.setdefault("lr", 0.01)
         return torch.optim.SGD(params, **kwargs)
-    raise ValueError(f"optimizer name {name!r} is not known; use 'adam' or 'sgd'")
+    if name == "lbfgs":
+        line_search = kwargs.pop("line_search", "strong_wolfe")
+        kwargs.setdefault("lr", 1.0)
+        kwargs.setdefault("history_size", 100)
+        # One quasi-Newton step per iteration of the loop, so that each recorded
+        # iteration is one step, as with the other optimisers.
+        return torch.optim.LBFGS(
+            params,
+            max_iter=1,
+            line_search_fn=None if line_search == "none" else line_search,
+            **kwargs,
+        )
+    raise ValueError(
+        f"optimizer name {name!r} is not known; use 'adam', 'sgd' or 'lbfgs'"
+    )
 
 
 def make_scheduler(
@@ -239,6 +278,7 @@ def optimize(
     snapshot_every: int = 0,
     description: str = "synthesis",
     constraint: Constraint | None = None,
+    schedule: Schedule | None = None,
 ) -> OptimizationResult:
     """Lower ``objective`` by changing ``initial``, one sample at a time in parallel.
 
@@ -253,10 +293,14 @@ def optimize(
     initial
         Starting variable, shape (samples, ...). It is not modified.
     objective
-        Maps the variable to the objective per sample (shape (samples,)) and a dict
-        of its named parts, each of shape (samples,), recorded alongside.
+        Maps the variable to the value to lower per sample (shape (samples,)) and a
+        dict of named parts, each of shape (samples,), recorded alongside. A part
+        named ``objective`` is what is recorded and judged as the objective in
+        place of the value lowered: coarse-to-fine steps along one scale's loss
+        while its convergence is judged on the loss over all scales.
     optimizer
-        Spec for :func:`make_optimizer`.
+        Spec for :func:`make_optimizer`. L-BFGS treats the whole variable as one
+        vector, so it takes one sample only.
     stop
         When a sample has converged and when the run gives up.
     recorder
@@ -269,22 +313,53 @@ def optimize(
         Keeps each sample on a level set: its gradient is projected onto the level
         set's tangent space before each step, and each step is followed by a
         correction back onto it.
+    schedule
+        Changes what is optimised as the run goes, adds to what is recorded, and
+        says when the run may stop (see :class:`Schedule`).
 
     Returns
     -------
     result
         The final variable and each sample's outcome.
+
+    Raises
+    ------
+    ValueError
+        For L-BFGS with more than one sample, or an unknown optimiser.
     """
     variable = initial.detach().clone().requires_grad_(True)
     opt = make_optimizer([variable], optimizer)
-    scheduler = make_scheduler(opt, optimizer.get("scheduler"))
     n_samples = variable.shape[0]
+    if isinstance(opt, torch.optim.LBFGS) and n_samples > 1:
+        raise ValueError(
+            f"L-BFGS couples the samples of a batch, got {n_samples}; synthesise "
+            "one sample at a time with it, or use adam or sgd"
+        )
+    scheduler = make_scheduler(opt, optimizer.get("scheduler"))
+    if schedule is not None:
+        schedule.start(opt)
     active = np.ones(n_samples, dtype=bool)
     running = _mask(active, variable)
     status = ["max_iter"] * n_samples
     reason = [f"reached max_iter={stop.max_iter}"] * n_samples
     stop_iteration = [stop.max_iter] * n_samples
     history = np.full((stop.max_iter, n_samples), np.nan)
+    # What the first evaluation of an iteration saw: L-BFGS evaluates the
+    # objective again during its line search, and the record describes the
+    # variable before the step.
+    first: list[tuple[Tensor, dict[str, Tensor], Tensor]] = []
+
+    def closure() -> Tensor:
+        opt.zero_grad(set_to_none=False)
+        values, parts = objective(variable)
+        values.sum().backward()
+        if constraint is not None:
+            constraint.project(variable)
+        if not first:
+            first.append(
+                (values.detach(), _detached(parts), _per_sample_norm(variable.grad))
+            )
+        return values.sum().detach()
 
     # The bar shows on a terminal only; a job's log gets a line every tenth of the run.
     progress = tqdm(
@@ -298,13 +373,10 @@ def optimize(
             # optimiser is about to change in place.
             recorder.snapshot(iteration, variable.detach().cpu().numpy().copy())
 
-        opt.zero_grad(set_to_none=False)
-        values, parts = objective(variable)
-        values.sum().backward()
-        if constraint is not None:
-            constraint.project(variable)
         before = variable.detach().clone()
-        opt.step()
+        first.clear()
+        opt.step(closure)
+        values, parts, gradient_norm = first[0]
         if constraint is not None:
             constraint.correct(variable)
         with torch.no_grad():
@@ -312,23 +384,29 @@ def optimize(
             variable.copy_(torch.where(running, variable, before))
 
         # One transfer from the device per iteration rather than one per number.
+        recorded = parts.pop("objective", values)
         names = ["objective", *parts, "gradient_norm", "pixel_change_norm"]
         with torch.no_grad():
             rows = [
-                values,
+                recorded,
                 *parts.values(),
-                _per_sample_norm(variable.grad),
+                gradient_norm,
                 _per_sample_norm(variable - before),
             ]
-            table = torch.stack([r.detach().to(torch.float64) for r in rows])
+            table = torch.stack([r.to(torch.float64) for r in rows])
         scalars = dict(zip(names, table.cpu().numpy(), strict=True))
         scalars["learning_rate"] = np.float64(opt.param_groups[0]["lr"])
+        if schedule is not None:
+            scalars.update(schedule.record())
         history[iteration] = scalars["objective"]
         recorder.record(iteration, scalars)
         if scheduler is not None:
             scheduler.step(float(np.nansum(scalars["objective"][active])))
 
-        finished = _judge(history[: iteration + 1], stop, active, status, reason)
+        may_stop = schedule is None or schedule.may_stop(iteration)
+        finished = _judge(
+            history[: iteration + 1], stop, active, status, reason, may_stop
+        )
         for s in finished:
             stop_iteration[s] = iteration + 1
             active[s] = False
@@ -339,6 +417,8 @@ def optimize(
                     variable[s] = before[s]
         if finished:
             running = _mask(active, variable)
+        if schedule is not None:
+            schedule.update(iteration, scalars, opt)
         if iteration % 50 == 0:
             progress.set_postfix(objective=f"{np.nanmean(history[iteration]):.4g}")
         if iteration % report_every == 0:
@@ -365,6 +445,10 @@ def optimize(
     )
 
 
+def _detached(parts: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {name: value.detach() for name, value in parts.items()}
+
+
 def _mask(active: np.ndarray, variable: Tensor) -> Tensor:
     """The running samples as a mask that broadcasts against the variable."""
     shape = (len(active),) + (1,) * (variable.dim() - 1)
@@ -377,10 +461,15 @@ def _judge(
     active: np.ndarray,
     status: list[str],
     reason: list[str],
+    may_stop: bool = True,
 ) -> list[int]:
-    """Mark samples that diverged or converged this iteration; return their indices."""
+    """Mark samples that diverged or converged this iteration; return their indices.
+
+    A sample diverges whenever its objective is not finite; it converges only when
+    ``may_stop`` allows.
+    """
     finished = []
-    converged = stop.converged(history)
+    converged = stop.converged(history) & may_stop
     last = history[-1]
     for s in range(history.shape[1]):
         if not active[s]:
