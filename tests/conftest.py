@@ -113,7 +113,7 @@ def build_stores(root: Path, study_config: dict) -> Path:
             model=root / "models" / f"{model}.pt" if model else None,
             config_hash=study.config_hash,
             threads=torch.get_num_threads(),
-            flush_every=25,
+            checkpoint_every=25,
         )
     return root / "runs"
 

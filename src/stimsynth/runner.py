@@ -22,11 +22,14 @@ import torch
 import xarray as xr
 
 from . import __version__
+from .checkpoint import CHECKPOINT_EVERY, Checkpoint
 from .config import spec_hash
+from .devices import claim_gpu, in_gpuless_slurm_job, scheduler_gpus
 from .images import open_image, translate
 from .models import build_metric, load_pinned_model
-from .store import FORMAT_VERSION, RunWriter, publish
+from .store import FORMAT_VERSION, RunWriter, cut_store, publish
 from .synthesis import (
+    CoarseToFine,
     synthesize_eigendistortion,
     synthesize_geodesic,
     synthesize_mad,
@@ -56,21 +59,47 @@ SNAPSHOTS = {
 def select_device(requested: str) -> torch.device:
     """The device a run uses: ``cpu``, ``cuda``, or ``auto`` (a GPU if there is one).
 
+    A GPU is claimed for the rest of the process (:func:`stimsynth.devices.claim_gpu`),
+    so that jobs sharing a machine's GPUs each get their own. With ``cuda`` a job
+    waits for a GPU to come free; with ``auto`` it runs on the CPU when none is
+    free, when it sees none, or when it is a SLURM job that was granted none.
+
     Raises
     ------
     RuntimeError
-        If ``cuda`` is asked for and this job sees no GPU.
+        If ``cuda`` is asked for and this job has no GPU to use.
     """
     if requested == "cpu":
         return torch.device("cpu")
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if requested == "cuda":
-        raise RuntimeError(
-            "the study asks for device: cuda but this job sees no GPU; run it where "
-            "Snakemake grants a GPU (resources gpu=1) or set device: auto"
+    granted = scheduler_gpus()
+    if granted:
+        # In the job log, so that a GPU that was granted but not used shows.
+        logger.info(
+            "GPUs assigned to this job: %s",
+            ", ".join(f"{name}={value}" for name, value in granted.items()),
         )
-    return torch.device("cpu")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if in_gpuless_slurm_job():
+        reason = "this SLURM job was granted no GPU"
+        count = 0
+    elif count == 0 and granted:
+        reason = "GPUs are assigned to this job but torch sees none (CPU-only torch?)"
+    else:
+        reason = "this job sees no GPU"
+    if count == 0:
+        if requested == "cuda":
+            raise RuntimeError(
+                f"the study asks for device: cuda but {reason}; run it where "
+                "Snakemake grants a GPU (resources gpu=1) or set device: auto"
+            )
+        logger.info("Running on the CPU: %s", reason)
+        return torch.device("cpu")
+    index = claim_gpu(count, wait=requested == "cuda")
+    if index is None:
+        logger.info("Running on the CPU: all %d GPUs are claimed by other jobs", count)
+        return torch.device("cpu")
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
 
 
 def execute_run(
@@ -81,7 +110,7 @@ def execute_run(
     model: str | os.PathLike | None = None,
     config_hash: str = "",
     threads: int = 1,
-    flush_every: int = 250,
+    checkpoint_every: int = CHECKPOINT_EVERY,
 ) -> Path:
     """Run one synthesis and publish its store.
 
@@ -101,8 +130,9 @@ def execute_run(
         Hash of the study config, recorded with the run.
     threads
         CPU threads torch may use.
-    flush_every
-        Iterations buffered between appends to the store.
+    checkpoint_every
+        Iterations between checkpoints, which are also the appends to the store.
+        A checkpoint left by an earlier attempt at the same spec is resumed from.
 
     Returns
     -------
@@ -113,9 +143,30 @@ def execute_run(
     device = select_device(spec["device"])
     dtype = getattr(torch, spec["dtype"])
     method = spec["method"]
-    logger.info("Run %s starts on %s (%s)", spec["run_id"], device, spec["dtype"])
     started = datetime.now(UTC)
     clock = time.perf_counter()
+    checkpoint = Checkpoint(
+        Path(partial).with_suffix(".checkpoint"),
+        every=checkpoint_every,
+        identity=spec_hash(spec),
+    )
+    resumed = checkpoint.load(device)
+    if resumed is not None and not _resumable(Path(partial), resumed):
+        checkpoint.forget()
+        resumed = None
+    if resumed is None:
+        checkpoint.meta = {"started": started.isoformat(timespec="seconds"), "at": []}
+        logger.info("Run %s starts on %s (%s)", spec["run_id"], device, spec["dtype"])
+    else:
+        checkpoint.meta = resumed["meta"]
+        checkpoint.meta["at"].append(int(resumed["iteration"]))
+        logger.info(
+            "Run %s resumes from its checkpoint at iteration %d, on %s (%s)",
+            spec["run_id"],
+            resumed["iteration"],
+            device,
+            spec["dtype"],
+        )
 
     tensors = {
         name: torch.from_numpy(open_image(path).values)[None].to(device, dtype)
@@ -134,9 +185,11 @@ def execute_run(
         sample_coords=sample_coords,
         snapshot_name=snapshot_name,
         snapshot_dims=snapshot_dims,
-        flush_every=flush_every,
+        flush_every=checkpoint_every,
+        resume=resumed["store_lengths"] if resumed else None,
     )
-    final, outcome = METHOD_RUNNERS[method](spec, tensors, network, writer)
+    checkpoint.writer = writer
+    final, outcome = METHOD_RUNNERS[method](spec, tensors, network, writer, checkpoint)
 
     wall = time.perf_counter() - clock
     attrs = {
@@ -150,9 +203,11 @@ def execute_run(
         "git_commit": git_commit(),
         "device": str(device),
         "dtype": spec["dtype"],
-        "started": started.isoformat(timespec="seconds"),
+        "started": checkpoint.meta["started"],
         "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+        # Of the last attempt only, when the run was resumed.
         "wall_time_s": round(wall, 3),
+        "resumed_at": checkpoint.meta["at"],
         **outcome,
     }
     writer.finish(final, attrs)
@@ -164,37 +219,62 @@ def execute_run(
         wall,
         outcome["stop_reason"],
     )
-    return publish(partial, store)
+    published = publish(partial, store)
+    checkpoint.remove()
+    return published
 
 
-def _run_metamer(spec, images, model, writer):
+def _resumable(partial: Path, state: dict[str, Any]) -> bool:
+    """Whether the partial store can be cut back to what a checkpoint counted."""
+    try:
+        cut_store(partial, state["store_lengths"])
+    except Exception as error:  # noqa: BLE001 - any damage: start the run afresh
+        logger.warning(
+            "The partial store %s cannot be resumed (%s); the run starts afresh",
+            partial,
+            error,
+        )
+        return False
+    return True
+
+
+def _run_metamer(spec, images, model, writer, checkpoint):
     settings = spec["settings"]
     target = images[spec["image"]]
+    initial = settings["initial"]
+    if isinstance(initial, dict):
+        initial = images[initial["image"]]
+    ctf = settings.get("coarse_to_fine")
     result = synthesize_metamer(
         model,
         target,
         [spec["seed"]],
         writer,
         loss=settings["loss"],
-        initial=settings["initial"],
+        initial=initial,
+        penalty=settings.get("penalty", "range"),
+        coarse_to_fine=CoarseToFine(**ctf) if ctf else None,
+        checkpoint=checkpoint,
         **_optimization_settings(settings),
     )
     opt = result.optimization
-    final = xr.Dataset(
-        {
-            "metamer": (("sample", *_IMAGE), _np(result.metamer)),
-            "initial_image": (("sample", *_IMAGE), _np(result.initial)),
-            "target_image": (_IMAGE, _np(result.target[0])),
-            "initial_loss": ("sample", _np(result.initial_loss)),
-            "final_loss": ("sample", _np(result.final_loss)),
-            "stop_iteration": ("sample", np.array(opt.stop_iteration)),
-        },
-        coords={"seed": ("sample", [spec["seed"]])},
-    )
+    variables = {
+        "metamer": (("sample", *_IMAGE), _np(result.metamer)),
+        "initial_image": (("sample", *_IMAGE), _np(result.initial)),
+        "target_image": (_IMAGE, _np(result.target[0])),
+        "initial_loss": ("sample", _np(result.initial_loss)),
+        "final_loss": ("sample", _np(result.final_loss)),
+        "stop_iteration": ("sample", np.array(opt.stop_iteration)),
+    }
+    if result.stages:
+        # Which scale each stage optimised and when it started (-1: never).
+        variables["stage_name"] = ("stage_index", _strings(result.stages))
+        variables["stage_start"] = ("stage_index", np.array(result.stage_start))
+    final = xr.Dataset(variables, coords={"seed": ("sample", [spec["seed"]])})
     return final, _outcome(opt.run_status, opt.stop_reason[0], opt.iterations)
 
 
-def _run_mad(spec, images, model, writer):
+def _run_mad(spec, images, model, writer, checkpoint):
     settings = spec["settings"]
     reference = images[spec["image"]]
     metrics = {name: build_metric(entry) for name, entry in spec["metrics"].items()}
@@ -206,6 +286,7 @@ def _run_mad(spec, images, model, writer):
         initial_noise=settings["initial_noise"],
         hold=settings["hold"],
         tradeoff=settings["tradeoff"],
+        checkpoint=checkpoint,
         **_optimization_settings(settings),
     )
     opt = result.optimization
@@ -241,7 +322,7 @@ def _run_mad(spec, images, model, writer):
     return final, _outcome(opt.run_status, reasons, opt.iterations)
 
 
-def _run_eigendistortion(spec, images, model, writer):
+def _run_eigendistortion(spec, images, model, writer, checkpoint):
     settings = spec["settings"]
     image = images[spec["image"]]
     result = synthesize_eigendistortion(
@@ -267,7 +348,7 @@ def _run_eigendistortion(spec, images, model, writer):
     return final, _outcome(result.status, result.stop_reason, result.iterations)
 
 
-def _run_geodesic(spec, images, model, writer):
+def _run_geodesic(spec, images, model, writer, checkpoint):
     settings = spec["settings"]
     end = settings["end"]
     end_name, shift = (
@@ -288,6 +369,7 @@ def _run_geodesic(spec, images, model, writer):
         writer,
         n_steps=settings["n_steps"],
         initial=settings["initial"],
+        checkpoint=checkpoint,
         **_optimization_settings(settings),
     )
     opt = result.optimization
@@ -300,9 +382,21 @@ def _run_geodesic(spec, images, model, writer):
             "fade_step_energy": ("segment", _np(result.fade_step_energy)),
             "deviation": ("step", _np(result.deviation)),
             "fade_deviation": ("step", _np(result.fade_deviation)),
+            "optimality_residual": (
+                "interior_step",
+                _np(result.optimality_residual),
+            ),
+            "fade_optimality_residual": (
+                "interior_step",
+                _np(result.fade_optimality_residual),
+            ),
             "final_path_energy": result.path_energy,
             "fade_path_energy": result.fade_energy,
+            "final_path_length": result.path_length,
+            "fade_path_length": result.fade_length,
         },
+        # Interior frames are the path's steps 1 to n_steps - 1.
+        coords={"interior_step": np.arange(1, result.path.shape[0] - 1)},
     )
     return final, _outcome(opt.run_status, opt.stop_reason[0], opt.iterations)
 

@@ -38,15 +38,12 @@ import numpy as np
 import xarray as xr
 import zarr
 
+from .checkpoint import CHECKPOINT_EVERY, fault_point
+
 logger = logging.getLogger(__name__)
 
 #: Version of the store layout; a reader compares it with its own.
 FORMAT_VERSION = 1
-
-# Chunk length along ``iteration``. One chunk of a 4-sample float64 scalar is 32 KiB;
-# a 5,000-iteration run then has a handful of chunk files per variable instead of
-# thousands, which keeps opening a store fast.
-ITERATION_CHUNK = 1024
 
 
 class StoreError(RuntimeError):
@@ -80,13 +77,10 @@ class RunWriter:
         sample_coords: dict[str, Any] | None = None,
         snapshot_name: str = "snapshot_image",
         snapshot_dims: tuple[str, ...] = ("channel", "y", "x"),
-        flush_every: int = 250,
+        flush_every: int = CHECKPOINT_EVERY,
+        resume: dict[str, int] | None = None,
     ):
         self.path = Path(path)
-        if self.path.exists():
-            logger.warning("Removing a stale partial store at %s", self.path)
-            shutil.rmtree(self.path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._sample_dim = sample_dim
         self._sample_coords = sample_coords or {}
         self._snapshot_name = snapshot_name
@@ -94,7 +88,18 @@ class RunWriter:
         self._flush_every = flush_every
         self._rows: list[tuple[int, dict[str, np.ndarray]]] = []
         self._snapshots: list[tuple[int, np.ndarray]] = []
-        self._written = {"iteration": False, "snapshot": False}
+        self._lengths = {"iteration": 0, "snapshot": 0}
+        if resume is not None and self.path.exists():
+            cut_store(self.path, resume)
+            self._lengths = dict(resume)
+        elif self.path.exists():
+            logger.warning("Removing a stale partial store at %s", self.path)
+            shutil.rmtree(self.path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def lengths(self) -> dict[str, int]:
+        """Iterations and snapshots appended to the store so far."""
+        return dict(self._lengths)
 
     def record(self, iteration: int, scalars: dict[str, np.ndarray]) -> None:
         """Buffer one iteration's scalars; append when the buffer is full."""
@@ -109,10 +114,11 @@ class RunWriter:
     def flush(self) -> None:
         """Append everything buffered to the store."""
         if self._rows:
-            self._append(self._scalars_dataset(), "iteration")
+            self._append(self._scalars_dataset(), "iteration", len(self._rows))
             self._rows = []
+            fault_point("flush")
         if self._snapshots:
-            self._append(self._snapshot_dataset(), "snapshot")
+            self._append(self._snapshot_dataset(), "snapshot", len(self._snapshots))
             self._snapshots = []
 
     def finish(self, final: xr.Dataset, attrs: dict[str, Any]) -> None:
@@ -162,26 +168,52 @@ class RunWriter:
             coords={"snapshot_iteration": ("snapshot", iterations)},
         )
 
-    def _append(self, dataset: xr.Dataset, dim: str) -> None:
-        if self._written[dim]:
+    def _append(self, dataset: xr.Dataset, dim: str, count: int) -> None:
+        if self._lengths[dim]:
             dataset.to_zarr(self.path, append_dim=dim, consolidated=False)
-            return
-        encoding = {
-            name: {"chunks": _chunks(var, dim)}
-            for name, var in dataset.variables.items()
-            if dim in var.dims
-        }
-        mode = "a" if self.path.exists() else "w-"
-        dataset.to_zarr(self.path, mode=mode, encoding=encoding, consolidated=False)
-        self._written[dim] = True
+        else:
+            # Chunks of one flush's length: each append then writes whole new
+            # chunks and never rewrites one that a checkpoint counts on.
+            along = self._flush_every if dim == "iteration" else 1
+            encoding = {
+                name: {"chunks": _chunks(var, dim, along)}
+                for name, var in dataset.variables.items()
+                if dim in var.dims
+            }
+            mode = "a" if (self.path / "zarr.json").exists() else "w"
+            dataset.to_zarr(self.path, mode=mode, encoding=encoding, consolidated=False)
+        self._lengths[dim] += count
 
 
-def _chunks(var: xr.Variable, dim: str) -> tuple[int, ...]:
-    """Chunk shape: long runs of iterations, one snapshot per chunk."""
-    along = ITERATION_CHUNK if dim == "iteration" else 1
+def _chunks(var: xr.Variable, dim: str, along: int) -> tuple[int, ...]:
+    """Chunk shape: ``along`` entries of ``dim``, whole along the others."""
     return tuple(
         along if d == dim else size for d, size in zip(var.dims, var.shape, strict=True)
     )
+
+
+def cut_store(path: str | os.PathLike, lengths: dict[str, int]) -> None:
+    """Cut every array of a partial store back to ``lengths`` along its dimension.
+
+    An append touches several arrays and is not atomic as a whole: a run killed
+    in the middle leaves some arrays longer than others, which xarray refuses to
+    open. Cutting each back to the lengths a checkpoint recorded restores the
+    store as it was at that checkpoint.
+    """
+    group = zarr.open_group(path, mode="r+", use_consolidated=False)
+    for name, array in group.arrays():
+        dims = array.metadata.dimension_names or ()
+        for dim, length in lengths.items():
+            if not dims or dims[0] != dim or array.shape[0] == length:
+                continue
+            logger.info(
+                "Cutting %s of %s from %d to %d", name, path, array.shape[0], length
+            )
+            if length == 0:
+                # Nothing of it was counted on: the next append creates it anew.
+                del group[name]
+            else:
+                array.resize((length, *array.shape[1:]))
 
 
 def publish(partial: str | os.PathLike, final: str | os.PathLike) -> Path:

@@ -19,4 +19,5 @@ with job_logging(snakemake.log[0]):
         # edit of the config would make Snakemake rerun every synthesis.
         config_hash=spec_hash(snakemake.config),
         threads=snakemake.threads,
+        checkpoint_every=snakemake.config["checkpoint_every"],
     )

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..checkpoint import Checkpoint
 from .optimize import (
     Constraint,
     OptimizationResult,
@@ -103,6 +104,7 @@ def synthesize_mad(
     stop: dict[str, Any] | None = None,
     snapshot_every: int = 0,
     initial: Tensor | None = None,
+    checkpoint: Checkpoint | None = None,
 ) -> MADResult:
     """Synthesise the four MAD images of a metric pair around ``reference_image``.
 
@@ -141,6 +143,8 @@ def synthesize_mad(
     initial
         The starting image (1, channel, y, x), used as given instead of the noisy
         reference image.
+    checkpoint
+        As in :func:`~stimsynth.synthesis.metamer.synthesize_metamer`.
 
     Returns
     -------
@@ -206,6 +210,7 @@ def synthesize_mad(
         StopCriterion(max_iter=max_iter, **(stop or {})),
         recorder,
         snapshot_every=snapshot_every,
+        checkpoint=checkpoint,
         description="mad",
         constraint=Constraint(held_metric, reference_target)
         if hold == "projection"

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..checkpoint import Checkpoint
 from ..errors import InputError
 from .optimize import (
     OptimizationResult,
@@ -293,6 +294,20 @@ class _ScaleSchedule:
     def may_stop(self, iteration: int) -> bool:
         return self.final and iteration + 1 - self.stage_start[-1] >= self._final_span
 
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "stage": self.stage,
+            "stage_start": list(self.stage_start),
+            "stage_objective": list(self._stage_objective),
+            "initial_lr": list(self._initial_lr),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stage = state["stage"]
+        self.stage_start = list(state["stage_start"])
+        self._stage_objective = list(state["stage_objective"])
+        self._initial_lr = list(state["initial_lr"])
+
 
 def synthesize_metamer(
     model: torch.nn.Module,
@@ -309,6 +324,7 @@ def synthesize_metamer(
     initial: str | Tensor = "uniform",
     penalty: str = "range",
     coarse_to_fine: CoarseToFine | None = None,
+    checkpoint: Checkpoint | None = None,
 ) -> MetamerResult:
     """Synthesise one metamer per seed of ``target`` for ``model``.
 
@@ -348,6 +364,9 @@ def synthesize_metamer(
     coarse_to_fine
         Step along one scale of the model at a time before all of them, see
         :class:`CoarseToFine`.
+    checkpoint
+        Where the run saves its state as it goes and resumes from after a
+        restart, see :func:`~stimsynth.synthesis.optimize.optimize`.
 
     Returns
     -------
@@ -413,6 +432,7 @@ def synthesize_metamer(
         snapshot_every=snapshot_every,
         description="metamer",
         schedule=schedule,
+        checkpoint=checkpoint,
     )
     with torch.no_grad():
         initial_loss = loss_function(model(initial), target_representation)

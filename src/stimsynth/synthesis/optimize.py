@@ -23,6 +23,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..checkpoint import Checkpoint
+
 logger = logging.getLogger(__name__)
 
 #: Outcomes a sample (and, by its worst sample, a run) can end with: those whose
@@ -52,6 +54,12 @@ class Schedule(Protocol):
 
     def may_stop(self, iteration: int) -> bool:
         """Whether the run may be judged converged after ``iteration``."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to go on from here after a restart."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Go back to a state from :meth:`state_dict`."""
 
 
 class Recorder(Protocol):
@@ -279,6 +287,7 @@ def optimize(
     description: str = "synthesis",
     constraint: Constraint | None = None,
     schedule: Schedule | None = None,
+    checkpoint: Checkpoint | None = None,
 ) -> OptimizationResult:
     """Lower ``objective`` by changing ``initial``, one sample at a time in parallel.
 
@@ -316,6 +325,12 @@ def optimize(
     schedule
         Changes what is optimised as the run goes, adds to what is recorded, and
         says when the run may stop (see :class:`Schedule`).
+    checkpoint
+        Where the loop's whole state is saved every ``checkpoint.every``
+        iterations, and from where a restarted run goes on: the variable, the
+        optimiser's, scheduler's and schedule's state, the objective history and
+        each sample's outcome so far. A resumed run takes the same steps as one
+        that was never stopped.
 
     Returns
     -------
@@ -344,6 +359,42 @@ def optimize(
     reason = [f"reached max_iter={stop.max_iter}"] * n_samples
     stop_iteration = [stop.max_iter] * n_samples
     history = np.full((stop.max_iter, n_samples), np.nan)
+    start = 0
+    state = checkpoint.load(variable.device) if checkpoint is not None else None
+    if state is not None:
+        with torch.no_grad():
+            variable.copy_(state["variable"])
+        opt.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        if schedule is not None:
+            schedule.load_state_dict(state["schedule"])
+        start = state["iteration"]
+        history[:start] = state["history"]
+        active = state["active"].copy()
+        running = _mask(active, variable)
+        status, reason = list(state["status"]), list(state["reason"])
+        stop_iteration = list(state["stop_iteration"])
+        torch.set_rng_state(state["rng"])
+        logger.info("%s resumes at iteration %d", description, start)
+
+    def save(next_iteration: int) -> None:
+        checkpoint.save(
+            {
+                "iteration": next_iteration,
+                "variable": variable.detach(),
+                "optimizer": opt.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler else None,
+                "schedule": schedule.state_dict() if schedule else None,
+                "history": history[:next_iteration].copy(),
+                "active": active.copy(),
+                "status": list(status),
+                "reason": list(reason),
+                "stop_iteration": list(stop_iteration),
+                "rng": torch.get_rng_state(),
+            }
+        )
+
     # What the first evaluation of an iteration saw: L-BFGS evaluates the
     # objective again during its line search, and the record describes the
     # variable before the step.
@@ -363,10 +414,15 @@ def optimize(
 
     # The bar shows on a terminal only; a job's log gets a line every tenth of the run.
     progress = tqdm(
-        range(stop.max_iter), desc=description, mininterval=2.0, disable=None
+        range(start, stop.max_iter),
+        desc=description,
+        mininterval=2.0,
+        disable=None,
+        initial=start,
+        total=stop.max_iter,
     )
     report_every = max(1, stop.max_iter // 10)
-    iteration = 0
+    iteration = start - 1
     for iteration in progress:
         if snapshot_every and iteration % snapshot_every == 0:
             # A copy: on the CPU, .numpy() shares memory with the variable that the
@@ -379,9 +435,10 @@ def optimize(
         values, parts, gradient_norm = first[0]
         if constraint is not None:
             constraint.correct(variable)
-        with torch.no_grad():
-            # A finished sample keeps the image it finished with.
-            variable.copy_(torch.where(running, variable, before))
+        if not active.all():
+            with torch.no_grad():
+                # A finished sample keeps the image it finished with.
+                variable.copy_(torch.where(running, variable, before))
 
         # One transfer from the device per iteration rather than one per number.
         recorded = parts.pop("objective", values)
@@ -421,7 +478,7 @@ def optimize(
             schedule.update(iteration, scalars, opt)
         if iteration % 50 == 0:
             progress.set_postfix(objective=f"{np.nanmean(history[iteration]):.4g}")
-        if iteration % report_every == 0:
+        if iteration % report_every == 0 and logger.isEnabledFor(logging.INFO):
             logger.info(
                 "%s iteration %d/%d: objective %s, %d of %d samples still running",
                 description,
@@ -433,6 +490,8 @@ def optimize(
             )
         if not active.any():
             break
+        if checkpoint is not None and checkpoint.due(iteration):
+            save(iteration + 1)
     progress.close()
 
     return OptimizationResult(
