@@ -541,7 +541,7 @@ def test_exact_method_refuses_beyond_memory_budget(onoff64, eigen_image):
 def test_eigendistortion_rejects_unknown_method_and_bad_k(gaussian, eigen_image):
     image = eigen_image.float()
     with pytest.raises(ValueError, match="method"):
-        synthesize_eigendistortion(gaussian, image, 0, ListRecorder(), method="lanczos")
+        synthesize_eigendistortion(gaussian, image, 0, ListRecorder(), method="arnoldi")
     with pytest.raises(ValueError, match="k must be"):
         synthesize_eigendistortion(gaussian, image, 0, ListRecorder(), k=200)
 

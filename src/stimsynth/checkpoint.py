@@ -46,6 +46,9 @@ class Checkpoint:
     identity
         What the checkpoint must match to be resumed from (the run's spec hash):
         a checkpoint of another spec is discarded.
+    final_path
+        Where the state at the end of the run is kept, for a later round to
+        continue from; None keeps none.
     """
 
     def __init__(
@@ -54,6 +57,7 @@ class Checkpoint:
         every: int = CHECKPOINT_EVERY,
         writer: Any = None,
         identity: str = "",
+        final_path: str | os.PathLike | None = None,
     ):
         if every < 1:
             raise ValueError(f"checkpoint every must be at least 1, got {every}")
@@ -62,6 +66,10 @@ class Checkpoint:
         self.writer = writer
         self.identity = identity
         self.saved = 0
+        self.final_path = Path(final_path) if final_path is not None else None
+        #: Whether the state loaded is that of a finished run sent back for more
+        #: iterations, rather than of an interrupted one.
+        self.continuing = False
         #: Saved with every checkpoint: what the run's caller keeps across restarts.
         self.meta: dict[str, Any] = {}
         self._loaded: dict[str, Any] | None = None
@@ -100,22 +108,29 @@ class Checkpoint:
         """Whether a checkpoint is due after ``iteration`` (0-based)."""
         return (iteration + 1) % self.every == 0
 
-    def save(self, state: dict[str, Any]) -> None:
-        """Append what the store has buffered, then replace the checkpoint."""
+    def save(self, state: dict[str, Any], final: bool = False) -> None:
+        """Append what the store has buffered, then replace the checkpoint (or,
+        with ``final``, write the state the run ended with to ``final_path``)."""
         if self.writer is not None:
             self.writer.flush()
             state = {**state, "store_lengths": self.writer.lengths()}
         state = {**state, "identity": self.identity, "meta": self.meta}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self.path.with_name(self.path.name + ".tmp")
-        with open(temporary, "wb") as handle:
-            torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        fault_point("checkpoint")
-        os.replace(temporary, self.path)
-        self.saved += 1
-        logger.debug("Checkpoint at iteration %d", state.get("iteration", -1))
+        path = self.final_path if final else self.path
+        _write_atomically(state, path)
+        if not final:
+            self.saved += 1
+            logger.debug("Checkpoint at iteration %d", state.get("iteration", -1))
+
+    def continue_from(
+        self, path: str | os.PathLike, identity: str, device: torch.device | str
+    ) -> dict[str, Any] | None:
+        """Take the final state of an earlier round, kept at ``path`` for the run
+        of spec hash ``identity``, as the state to go on from."""
+        earlier = Checkpoint(path, identity=identity).load(device)
+        if earlier is not None:
+            self._loaded = earlier
+            self.continuing = True
+        return earlier
 
     def forget(self) -> None:
         """Drop the checkpoint loaded, and its file: the run starts afresh."""
@@ -126,6 +141,18 @@ class Checkpoint:
         """Delete the checkpoint (once the run is published)."""
         for path in (self.path, self.path.with_name(self.path.name + ".tmp")):
             path.unlink(missing_ok=True)
+
+
+def _write_atomically(state: dict[str, Any], path: Path) -> None:
+    """Write ``state`` to a temporary file, flush it to disk and rename it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "wb") as handle:
+        torch.save(state, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    fault_point("checkpoint")
+    os.replace(temporary, path)
 
 
 #: Environment variable naming a point at which the process kills itself, as

@@ -8,9 +8,11 @@ and publishes the store at its final path.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import platform
+import shutil
 import subprocess
 import time
 from datetime import UTC, datetime
@@ -27,7 +29,14 @@ from .config import spec_hash
 from .devices import claim_gpu, in_gpuless_slurm_job, scheduler_gpus
 from .images import open_image, translate
 from .models import build_metric, load_pinned_model
-from .store import FORMAT_VERSION, RunWriter, cut_store, publish
+from .store import (
+    FORMAT_VERSION,
+    RunWriter,
+    StoreError,
+    cut_store,
+    open_run,
+    publish,
+)
 from .synthesis import (
     CoarseToFine,
     synthesize_eigendistortion,
@@ -111,6 +120,8 @@ def execute_run(
     config_hash: str = "",
     threads: int = 1,
     checkpoint_every: int = CHECKPOINT_EVERY,
+    final_checkpoint: str | os.PathLike | None = None,
+    continue_from: dict[str, str] | None = None,
 ) -> Path:
     """Run one synthesis and publish its store.
 
@@ -133,6 +144,13 @@ def execute_run(
     checkpoint_every
         Iterations between checkpoints, which are also the appends to the store.
         A checkpoint left by an earlier attempt at the same spec is resumed from.
+    final_checkpoint
+        Where to keep the state the run ends with, so that a later round can
+        send it back for more iterations; None keeps none.
+    continue_from
+        For a run sent back for more iterations: ``store``, the published store
+        of the round before, and ``checkpoint``, the final state it kept. The new
+        store holds the whole trajectory, the earlier round's included.
 
     Returns
     -------
@@ -149,12 +167,25 @@ def execute_run(
         Path(partial).with_suffix(".checkpoint"),
         every=checkpoint_every,
         identity=spec_hash(spec),
+        final_path=final_checkpoint,
     )
     resumed = checkpoint.load(device)
     if resumed is not None and not _resumable(Path(partial), resumed):
         checkpoint.forget()
         resumed = None
-    if resumed is None:
+    if resumed is None and continue_from is not None:
+        resumed = _continue(checkpoint, continue_from, Path(partial), device)
+        checkpoint.meta = resumed["meta"]
+        checkpoint.meta.setdefault("continued_at", []).append(int(resumed["iteration"]))
+        logger.info(
+            "Run %s continues round %d from iteration %d, on %s (%s)",
+            spec["run_id"],
+            spec.get("round", 0),
+            resumed["iteration"],
+            device,
+            spec["dtype"],
+        )
+    elif resumed is None:
         checkpoint.meta = {"started": started.isoformat(timespec="seconds"), "at": []}
         logger.info("Run %s starts on %s (%s)", spec["run_id"], device, spec["dtype"])
     else:
@@ -208,6 +239,8 @@ def execute_run(
         # Of the last attempt only, when the run was resumed.
         "wall_time_s": round(wall, 3),
         "resumed_at": checkpoint.meta["at"],
+        "round": spec.get("round", 0),
+        "continued_at": checkpoint.meta.get("continued_at", []),
         **outcome,
     }
     writer.finish(final, attrs)
@@ -222,6 +255,46 @@ def execute_run(
     published = publish(partial, store)
     checkpoint.remove()
     return published
+
+
+def _continue(
+    checkpoint: Checkpoint,
+    earlier: dict[str, str],
+    partial: Path,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Set a run sent back for more iterations up to go on from its last round.
+
+    The earlier round's published store is copied to the partial store, and the
+    state it ended with becomes the checkpoint to go on from.
+
+    Raises
+    ------
+    StoreError
+        If the earlier round's store or its final state cannot be used.
+    """
+    previous = open_run(earlier["store"])
+    identity = previous.attrs["spec_hash"]
+    state = checkpoint.continue_from(earlier["checkpoint"], identity, device)
+    if state is None:
+        raise StoreError(
+            f"cannot send {previous.attrs['run_id']} back for more iterations: the "
+            f"state its last round ended with, {earlier['checkpoint']}, is missing or "
+            "belongs to another spec; delete the earlier round's store "
+            f"{earlier['store']} to run it again from the start"
+        )
+    if partial.exists():
+        shutil.rmtree(partial)
+    shutil.copytree(earlier["store"], partial)
+    # Consolidated metadata goes stale as soon as the copy is appended to, and a
+    # stale copy can mislead a writer: it is written anew when the run finishes.
+    metadata = partial / "zarr.json"
+    group = json.loads(metadata.read_text())
+    group.pop("consolidated_metadata", None)
+    metadata.write_text(json.dumps(group))
+    if not _resumable(partial, state):
+        raise StoreError(f"cannot continue from the store {earlier['store']}")
+    return state
 
 
 def _resumable(partial: Path, state: dict[str, Any]) -> bool:

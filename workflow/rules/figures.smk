@@ -3,7 +3,7 @@
 
 rule plot_run:
     input:
-        store=f"{RESULTS}/runs/{{run}}.zarr",
+        store=lambda wc: latest_stores(ROUNDS)[wc.run],
     output:
         figure=report(
             f"{RESULTS}/figures/runs/{{run}}.png",
@@ -28,7 +28,7 @@ rule plot_run:
 rule plot_study:
     input:
         table=f"{RESULTS}/audit.csv",
-        stores=[f"{RESULTS}/runs/{run}.zarr" for run in STUDY.runs],
+        stores=lambda wc: list(latest_stores(ROUNDS).values()),
     output:
         figure=report(
             f"{RESULTS}/figures/study.png",

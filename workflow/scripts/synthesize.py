@@ -20,4 +20,6 @@ with job_logging(snakemake.log[0]):
         config_hash=spec_hash(snakemake.config),
         threads=snakemake.threads,
         checkpoint_every=snakemake.config["checkpoint_every"],
+        final_checkpoint=snakemake.params.final_state,
+        continue_from=snakemake.params.continue_from,
     )

@@ -360,6 +360,7 @@ def optimize(
     stop_iteration = [stop.max_iter] * n_samples
     history = np.full((stop.max_iter, n_samples), np.nan)
     start = 0
+    judged_from = 0
     state = checkpoint.load(variable.device) if checkpoint is not None else None
     if state is not None:
         with torch.no_grad():
@@ -370,6 +371,7 @@ def optimize(
         if schedule is not None:
             schedule.load_state_dict(state["schedule"])
         start = state["iteration"]
+        judged_from = state.get("judged_from", 0)
         history[:start] = state["history"]
         active = state["active"].copy()
         running = _mask(active, variable)
@@ -377,8 +379,17 @@ def optimize(
         stop_iteration = list(state["stop_iteration"])
         torch.set_rng_state(state["rng"])
         logger.info("%s resumes at iteration %d", description, start)
+        if checkpoint.continuing:
+            # A finished run sent back for more iterations: every sample goes on,
+            # and convergence is judged on the iterations from here only.
+            active[:] = True
+            running = _mask(active, variable)
+            status = ["max_iter"] * n_samples
+            reason = [f"reached max_iter={stop.max_iter}"] * n_samples
+            stop_iteration = [stop.max_iter] * n_samples
+            judged_from = start
 
-    def save(next_iteration: int) -> None:
+    def save(next_iteration: int, final: bool = False) -> None:
         checkpoint.save(
             {
                 "iteration": next_iteration,
@@ -392,7 +403,9 @@ def optimize(
                 "reason": list(reason),
                 "stop_iteration": list(stop_iteration),
                 "rng": torch.get_rng_state(),
-            }
+                "judged_from": judged_from,
+            },
+            final=final,
         )
 
     # What the first evaluation of an iteration saw: L-BFGS evaluates the
@@ -462,7 +475,13 @@ def optimize(
 
         may_stop = schedule is None or schedule.may_stop(iteration)
         finished = _judge(
-            history[: iteration + 1], stop, active, status, reason, may_stop
+            history[judged_from : iteration + 1],
+            stop,
+            active,
+            status,
+            reason,
+            may_stop,
+            offset=judged_from,
         )
         for s in finished:
             stop_iteration[s] = iteration + 1
@@ -493,6 +512,9 @@ def optimize(
         if checkpoint is not None and checkpoint.due(iteration):
             save(iteration + 1)
     progress.close()
+    if checkpoint is not None and checkpoint.final_path is not None:
+        # Kept so that the audit can send the run back for more iterations.
+        save(iteration + 1, final=True)
 
     return OptimizationResult(
         variable=variable.detach(),
@@ -521,6 +543,7 @@ def _judge(
     status: list[str],
     reason: list[str],
     may_stop: bool = True,
+    offset: int = 0,
 ) -> list[int]:
     """Mark samples that diverged or converged this iteration; return their indices.
 
@@ -535,7 +558,9 @@ def _judge(
             continue
         if not math.isfinite(last[s]):
             status[s] = "diverged"
-            reason[s] = f"objective became {last[s]} at iteration {len(history) - 1}"
+            reason[s] = (
+                f"objective became {last[s]} at iteration {offset + len(history) - 1}"
+            )
             finished.append(s)
         elif converged[s]:
             change = stop.change(history)[s]
