@@ -408,6 +408,8 @@ def _run_eigendistortion(spec, images, model, writer, checkpoint):
         max_iter=settings["max_iter"],
         tol=settings["tol"],
         memory_budget_mb=settings["memory_budget_mb"],
+        oversampling=settings["oversampling"],
+        krylov_size=settings["krylov_size"],
     )
     final = xr.Dataset(
         {
