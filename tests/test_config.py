@@ -67,7 +67,7 @@ def _set(path, value):
 
 BAD = [
     ("metamer.front.model", "missing", "metamer.front.model: 'missing' is not defined"),
-    ("metamer.front.images", ["nobody"], "metamer.front.images: 'nobody' is not"),
+    ("metamer.front.images", ["nobody"], "metamer.front.images[0]: 'nobody' is not"),
     ("mad.pair.metrics", ["mse", "mse"], "two different metrics"),
     ("mad.pair.metrics", ["mse", "lpips"], "mad.pair.metrics: 'lpips' is not defined"),
     ("metamer.front.max_iter", 0, "metamer.front.max_iter: 0 is less than"),
@@ -79,10 +79,17 @@ BAD = [
     ("metamer.front.max_itr", 10, "'max_itr' was unexpected"),
     ("images.einstein.source", "plenoptic:einstien", "not a built-in image"),
     ("images.einstein.size", [32], "images.einstein.size"),
-    ("geodesic.shift.end", {"image": "small"}, "used with images of sizes"),
+    ("geodesic.shift.end", {"image": "small"}, "endpoints of one size and colour"),
+    ("eigendistortion.front.images", ["small"], "used with images of sizes"),
+    ("eigendistortion.front.max_iter", 0, "eigendistortion.front.max_iter: 0 is less"),
+    ("metamer.front.snapshot_every", -1, "metamer.front.snapshot_every: -1 is less"),
+    ("mad.pair.tradeoff", 1.0, "mad.pair.tradeoff: only hold: penalty"),
+    ("geodesic.shift.end", "einstein", "geodesic.shift.end: the path ends where"),
+    ("results", "", "results: '' would put the study's files at the root"),
     ("geodesic.shift.n_steps", 1, "geodesic.shift.n_steps: 1 is less than"),
     ("eigendistortion.front.k", 600, "eigendistortion.front.k: 600 eigendistortions"),
     ("eigendistortion.front.method", "exact", None),  # 32x32 fits the budget
+    ("mad.pair.hold", "penalty", None),
     ("mad.pair.tradeoff", {"mse": 1.0}, "mad.pair.tradeoff: no weight for ssim"),
     ("device", "tpu", "device: 'tpu' is not one of"),
 ]

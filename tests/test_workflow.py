@@ -202,6 +202,8 @@ def test_a_missing_image_file_stops_the_study_with_its_entry_and_no_traceback(
     result = snakemake(tmp_path)
     output = result.stdout + result.stderr
     assert result.returncode != 0
-    assert "images.mine: image file 'photos/missing.png' does not exist" in output
+    assert (
+        "images.mine.source: image file 'photos/missing.png' does not exist" in output
+    )
     assert "Traceback" not in output
     assert not (tmp_path / "results" / "runs").exists()

@@ -145,14 +145,23 @@ class Checkpoint:
 
 def _write_atomically(state: dict[str, Any], path: Path) -> None:
     """Write ``state`` to a temporary file, flush it to disk and rename it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "wb") as handle:
-        torch.save(state, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    fault_point("checkpoint")
-    os.replace(temporary, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(temporary, "wb") as handle:
+            torch.save(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        fault_point("checkpoint")
+        os.replace(temporary, path)
+    except OSError as error:
+        from .store import StoreWriteError
+
+        raise StoreWriteError(
+            f"cannot write the checkpoint {path}: {error.strerror or error}; free "
+            "space or fix the permissions there and run the study again, which "
+            "goes on from the last checkpoint written"
+        ) from error
 
 
 #: Environment variable naming a point at which the process kills itself, as
