@@ -2,24 +2,39 @@
 
 A run's own status says only whether its stop rule was met. The audit asks whether
 its result can be used: every store gets a row with the verdict ``pass`` or
-``fail`` and, in ``reasons``, every check that was made, with its numbers and its
-limit. The checks are:
+``fail``, in ``reasons`` every check that was made with its numbers and its limit,
+and in ``measures`` the number each check judged, as JSON. The checks are:
 
-- every run: its status is not ``diverged`` or ``failed``, and its final result
-  variables and per-iteration objective hold no NaN or inf;
-- metamer: the final representation loss is a small enough fraction of the
-  initial one, and no pixel of the metamer lies far outside [0, 1];
+- every run: the store can be read, its status is not ``diverged`` or ``failed``,
+  its final results and per-iteration objective hold no NaN or inf, and it has not
+  stalled (its image stopped changing while its goal is unmet);
+- metamer: the final representation loss is small, both as a fraction of the
+  initial loss and in the loss's own units; the objective has levelled off (its
+  slope at the end is a small fraction of its mean slope over the run); no pixel
+  lies far outside [0, 1]; a coarse-to-fine run reached every stage, the final
+  all-scales one included;
 - MAD competition: all four directions are present, each optimized metric moved
-  the asked way from its start, and each reference metric stayed near its start;
-- eigendistortion: the largest eigenpair residual is small relative to the top
-  eigenvalue, the top eigenvalue is above the bottom one, and every
-  eigendistortion has unit norm;
-- geodesic: the endpoints of the path are those it started with, and its energy
-  is at most a set fraction of the straight pixel fade's.
+  the asked way from its start and levelled off, and each reference metric stayed
+  near its start, at the end and along the way;
+- eigendistortion: every eigenpair's residual ``|Fv - lambda v|`` is small relative
+  to its own eigenvalue, the top eigenvalue is above the bottom one, every
+  eigendistortion has unit norm, the power method's eigenvalue estimates held
+  still, and the representation moves more along the top eigendistortion than
+  along the bottom one by the factor ``sqrt(lambda_top / lambda_bottom)``;
+- geodesic: the endpoints of the path are those it started with, its energy is at
+  most a set fraction of the straight pixel fade's, its interior frames nearly
+  satisfy the geodesic equation (the optimality residual), and its frames stay near
+  the straight line between the endpoints in representation space.
 
 A run that stopped at ``max_iter`` passes when its method's checks pass; its reasons
 say that it stopped there. The limits come from the ``audit`` section of a study
 config, whose defaults live in the config schema alone.
+
+The audit reads each store's metadata as :func:`stimsynth.store.open_run` checks it
+before opening a store, and then only the small variables its checks need, straight
+from their chunks: never the snapshots, and without xarray, whose opening of a store
+costs more than the whole audit of it. A store that fails those checks, whose
+message names it, fails the audit as damaged.
 """
 
 from __future__ import annotations
@@ -27,6 +42,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -35,10 +51,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import xarray as xr
 
 from .config import validate_config
-from .store import FORMAT_VERSION, StoreError, open_run, run_spec
+from .store import FORMAT_VERSION, StoreError, read_metadata, run_spec
 from .synthesis.optimize import FAILED_STATUSES, USABLE_STATUSES
 
 logger = logging.getLogger(__name__)
@@ -56,17 +71,28 @@ COLUMNS = (
     "status",
     "stop_reason",
     "verdict",
+    "failed_checks",
     "reasons",
+    "measures",
     "wall_time_s",
     "store",
 )
+
+#: The ``status`` of a run whose store cannot be read.
+DAMAGED = "damaged"
 
 #: Variables holding each method's result, which must be finite.
 RESULT_VARIABLES = {
     "metamer": ("metamer", "initial_loss", "final_loss"),
     "mad": ("mad_image", "final_optimized_metric", "final_reference_metric"),
     "eigendistortion": ("eigendistortion", "eigenvalue", "residual"),
-    "geodesic": ("path", "step_energy", "final_path_energy"),
+    "geodesic": (
+        "path",
+        "step_energy",
+        "final_path_energy",
+        "optimality_residual",
+        "deviation",
+    ),
 }
 
 #: Per-iteration objective of each method; for an eigendistortion, the eigenvalue
@@ -86,17 +112,24 @@ EIGENVALUE_WINDOW = 50
 # in float32, whose rounding alone stays far below this.
 UNIT_NORM_TOLERANCE = 1e-3
 
+# An eigenvalue below this fraction of the top one is judged against this floor:
+# float32 Fisher products cannot resolve it, and a model blind to a distortion
+# has an eigenvalue of zero, against which no residual is small.
+EIGENVALUE_FLOOR = 1e-6
+
 # The schema requires one image; the audit section validates independently of it.
 _MINIMAL_CONFIG = {"images": {"a": {"source": "plenoptic:einstein", "size": [8, 8]}}}
 
 
 @dataclass(frozen=True)
 class _Check:
-    """One audit check: what was checked, whether it passed, and its numbers."""
+    """One audit check: what was checked, whether it passed, its numbers, and the
+    one number it judged (None when there is none)."""
 
     name: str
     passed: bool
     detail: str
+    value: float | None = None
 
     @property
     def text(self) -> str:
@@ -118,8 +151,8 @@ def default_thresholds() -> dict[str, dict[str, float]]:
 
     Examples
     --------
-    >>> default_thresholds()["geodesic"]
-    {'max_energy_ratio': 1.0}
+    >>> default_thresholds()["eigendistortion"]["min_sensitivity_ratio"]
+    1.0
     """
     return resolve_thresholds(None)
 
@@ -155,8 +188,9 @@ def audit_run(
 ) -> dict[str, Any]:
     """Audit one run store: its verdict, the reasons for it, and what identifies it.
 
-    A store that cannot be opened or read gets the verdict ``fail`` with the error
-    as its reason, so that one damaged store does not stop the audit of a study.
+    A store that cannot be read gets the verdict ``fail`` and the status
+    ``damaged``, with the error naming the store as its reason, so that one
+    damaged store does not stop the audit of a study.
 
     Parameters
     ----------
@@ -170,7 +204,9 @@ def audit_run(
     -------
     row
         One value for each name in :data:`COLUMNS`. ``reasons`` joins the text of
-        every check with ``"; "``; a failed check starts with ``FAIL``.
+        every check with ``"; "``; a failed check starts with ``FAIL``, and
+        ``failed_checks`` names the failed checks, joined with ``", "``.
+        ``measures`` is JSON: the number each check judged, by check name.
 
     Raises
     ------
@@ -185,19 +221,29 @@ def _audit_run(path: Path, limits: dict[str, dict[str, float]]) -> dict[str, Any
     row = dict.fromkeys(COLUMNS)
     row.update(run_id=_run_id_from_path(path), store=str(path))
     try:
-        with open_run(path) as dataset:
-            row.update(_identify(dataset))
-            checks = _checks(dataset, row["method"], limits)
-            row["final_objective"] = _final_objective(dataset, row["method"])
+        store = _RunStore(path)
     except Exception as error:
-        # Reading a damaged store can fail in zarr, its codecs or xarray in many
-        # ways; each becomes a failed row rather than an aborted audit.
-        logger.warning("Cannot audit %s: %s", path, _describe_error(error))
+        # Reading a damaged store can fail in zarr, its codecs or the JSON of its
+        # metadata in many ways; each becomes a failed row, not an aborted audit.
+        reason = _damage(path, error)
+        logger.warning("Cannot audit %s: %s", path, reason)
         logger.debug("Traceback of the failed audit of %s", path, exc_info=True)
-        checks = [_Check("store", False, f"cannot be read ({_describe_error(error)})")]
+        row["status"] = DAMAGED
+        checks = [_Check("store", False, reason)]
+    else:
+        row.update(_identify(store))
+        checks = _checks(store, row["method"], limits)
+        row["final_objective"] = _guarded(
+            lambda: _final_objective(store, row["method"]), float("nan")
+        )
 
-    row["verdict"] = "pass" if all(check.passed for check in checks) else "fail"
+    failed = [check.name for check in checks if not check.passed]
+    row["verdict"] = "fail" if failed else "pass"
+    row["failed_checks"] = ", ".join(dict.fromkeys(failed))
     row["reasons"] = "; ".join(check.text for check in checks)
+    row["measures"] = json.dumps(
+        {c.name: _rounded(c.value) for c in checks if c.value is not None}
+    )
     logger.debug("Audit of %s: %s (%s)", row["run_id"], row["verdict"], row["reasons"])
     return row
 
@@ -231,11 +277,7 @@ def audit_study(
         "Audited %d runs: %d pass, %d fail", len(table), len(table) - failed, failed
     )
     if failed:
-        logger.warning(
-            "%d of %d runs failed the audit",
-            failed,
-            len(table),
-        )
+        logger.warning("%d of %d runs failed the audit", failed, len(table))
     return table
 
 
@@ -261,7 +303,7 @@ def summarize(table: pd.DataFrame) -> str:
     if table.empty:
         return lines[0]
 
-    methods = table["method"].fillna("unreadable")
+    methods = table["method"].fillna(DAMAGED)
     counts = pd.crosstab(methods, table["verdict"])
     counts = counts.reindex(columns=["pass", "fail"], fill_value=0)
     width = max(len("method"), *(len(method) for method in counts.index))
@@ -314,9 +356,9 @@ def write_audit(
 def find_run_stores(folder: str | os.PathLike) -> list[Path]:
     """Every run store under a folder, searched recursively.
 
-    A run store is a directory whose name ends in ``.zarr`` and that holds a
-    ``zarr.json`` at its top. The search does not descend into stores. A
-    ``.zarr`` directory without ``zarr.json`` is skipped with a warning.
+    A run store is a directory whose name ends in ``.zarr``. The search does not
+    descend into stores. A ``.zarr`` directory without ``zarr.json`` is listed all
+    the same, so that the audit reports it as damaged rather than leave it out.
 
     Parameters
     ----------
@@ -332,17 +374,94 @@ def find_run_stores(folder: str | os.PathLike) -> list[Path]:
     for parent, dirnames, _ in os.walk(folder):
         descend = []
         for name in dirnames:
-            child = Path(parent) / name
-            if not name.endswith(".zarr"):
-                descend.append(name)
-            elif (child / "zarr.json").is_file():
-                stores.append(child)
+            if name.endswith(".zarr"):
+                stores.append(Path(parent) / name)
             else:
-                logger.warning(
-                    "Skipping %s: it has no zarr.json, so no run store", child
-                )
+                descend.append(name)
         dirnames[:] = descend
     return sorted(stores)
+
+
+# --- reading a store ------------------------------------------------------------
+
+
+class _RunStore:
+    """The attributes and small variables of one run store.
+
+    Opening checks the store's metadata as :func:`~stimsynth.store.open_run` does
+    before it opens a store (:func:`~stimsynth.store.read_metadata`), and reads
+    the coordinates that xarray reads on opening; a variable is read when a check
+    first asks for it, straight from its chunks, and kept. Snapshots are never
+    read.
+
+    Parameters
+    ----------
+    path
+        The store.
+
+    Raises
+    ------
+    StoreError
+        If the path holds no finished run store or the store is damaged; the
+        message names the store.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._metadata = read_metadata(path)
+        self.attrs = self._metadata.attrs
+        self._arrays = self._metadata.arrays
+        self._cache: dict[str, np.ndarray] = {}
+        self.sizes: dict[str, int] = {}
+        for name, meta in self._arrays.items():
+            dims = meta.get("dimension_names") or ()
+            self.sizes.update(zip(dims, meta["shape"], strict=False))
+            if tuple(dims) == (name,):
+                # xarray reads these on opening: one it cannot read is damage.
+                self.raw(name)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._arrays
+
+    def dims(self, name: str) -> tuple[str, ...]:
+        """The dimensions of a variable."""
+        return tuple(self._meta(name).get("dimension_names") or ())
+
+    def raw(self, name: str) -> np.ndarray:
+        """A variable's values as stored."""
+        if name not in self._cache:
+            self._meta(name)
+            self._cache[name] = np.asarray(self._metadata.values(name))
+        return self._cache[name]
+
+    def values(self, name: str) -> np.ndarray:
+        """A variable's values as float64."""
+        return np.asarray(self.raw(name), dtype=np.float64)
+
+    def labels(self, name: str) -> list[str]:
+        """A variable of text labels as a list of str."""
+        return [str(value) for value in self.raw(name).ravel()]
+
+    def _meta(self, name: str) -> dict[str, Any]:
+        if name not in self._arrays:
+            raise StoreError(
+                f"the store has no variable {name!r}, which the audit of a "
+                f"{self.attrs.get('method', 'run')} run needs; it was written by "
+                "another version of stimsynth or is damaged"
+            )
+        return self._arrays[name]
+
+
+def _damage(path: Path, error: Exception) -> str:
+    """Why a store cannot be read, naming the store."""
+    message = str(error) if isinstance(error, StoreError) else _describe_error(error)
+    return message if str(path) in message else f"{path}: {message}"
+
+
+def _describe_error(error: Exception) -> str:
+    if isinstance(error, StoreError | json.JSONDecodeError):
+        return str(error)
+    return f"{type(error).__name__}: {error}"
 
 
 # --- identifying a run ----------------------------------------------------------
@@ -359,10 +478,10 @@ def _run_id_from_path(path: Path) -> str:
     return stem.name
 
 
-def _identify(dataset: xr.Dataset) -> dict[str, Any]:
+def _identify(store: _RunStore) -> dict[str, Any]:
     """The columns that say which run a store holds and how it ended."""
-    attrs = dataset.attrs
-    spec = run_spec(dataset)
+    attrs = store.attrs
+    spec = _guarded(lambda: run_spec(store), {})
     settings = spec.get("settings", {})
     method = attrs.get("method", spec.get("method"))
     model = settings.get("model")
@@ -384,49 +503,53 @@ def _identify(dataset: xr.Dataset) -> dict[str, Any]:
     return row
 
 
-def _final_objective(dataset: xr.Dataset, method: str) -> float:
+def _final_objective(store: _RunStore, method: str) -> float:
     """The number a run is summed up by: final loss (metamer), the largest final
     objective of the four directions (MAD), top eigenvalue (eigendistortion) or
     final path energy (geodesic)."""
     if method == "metamer":
-        return float(np.max(_values(dataset, "final_loss")))
+        return float(np.max(store.values("final_loss")))
     if method == "mad":
-        return float(np.max(_values(dataset, "objective")[-1]))
+        return float(np.max(store.values("objective")[-1]))
     if method == "eigendistortion":
-        return float(_values(dataset.sortby("eigenindex"), "eigenvalue")[0])
+        return float(store.values("eigenvalue")[np.argmin(_eigenindex(store))])
     if method == "geodesic":
-        return float(_values(dataset, "final_path_energy"))
+        return float(store.values("final_path_energy"))
     return float("nan")
 
 
-def _values(dataset: xr.Dataset, name: str) -> np.ndarray:
-    """A variable's values as float64, or a StoreError naming what is missing."""
-    if name not in dataset.variables:
-        raise StoreError(
-            f"the store has no variable {name!r}, which every "
-            f"{dataset.attrs.get('method', 'run')} store holds; it is damaged or "
-            "was written by another version of stimsynth"
-        )
-    return np.asarray(dataset[name].values, dtype=np.float64)
+def _guarded(compute: Callable[[], Any], fallback: Any) -> Any:
+    """``compute()``, or ``fallback`` where the store cannot give what it needs."""
+    try:
+        return compute()
+    except Exception:
+        return fallback
 
 
-def _describe_error(error: Exception) -> str:
-    if isinstance(error, StoreError | json.JSONDecodeError):
-        return str(error)
-    return f"{type(error).__name__}: {error}"
+def _rounded(value: float) -> float | None:
+    """A measure for the JSON of the table: 4 significant digits; NaN as null."""
+    if value is None or math.isnan(value):
+        return None
+    if math.isinf(value):
+        return value
+    return float(f"{value:.4g}")
 
 
 # --- the checks -----------------------------------------------------------------
 
 
-def _checks(dataset: xr.Dataset, method: str, limits: dict[str, Any]) -> list[_Check]:
+def _checks(store: _RunStore, method: str, limits: dict[str, Any]) -> list[_Check]:
     """Every check of a run: its format, status and finite values, then its
-    method's own."""
+    method's own.
+
+    A check that cannot be made, for a variable missing or unreadable, fails
+    with the error as its detail; the other checks are still made.
+    """
     if method not in METHOD_CHECKS:
         known = ", ".join(METHOD_CHECKS)
         return [_Check("method", False, f"unknown method {method!r} (known: {known})")]
     checks = []
-    version = dataset.attrs.get("format_version")
+    version = store.attrs.get("format_version")
     if version != FORMAT_VERSION:
         checks.append(
             _Check(
@@ -436,10 +559,20 @@ def _checks(dataset: xr.Dataset, method: str, limits: dict[str, Any]) -> list[_C
                 f"{FORMAT_VERSION}; audit it with the stimsynth version that wrote it",
             )
         )
-    checks.append(_status_check(dataset.attrs.get("status")))
-    checks.append(_finite_check(dataset, method))
-    checks.extend(METHOD_CHECKS[method](dataset, limits[method]))
+    checks.append(_status_check(store.attrs.get("status")))
+    checks.append(_made("finite values", lambda: _finite_check(store, method)))
+    for name, check in METHOD_CHECKS[method]:
+        checks.append(_made(name, lambda check=check: check(store, limits[method])))
     return checks
+
+
+def _made(name: str, check: Callable[[], _Check]) -> _Check:
+    """A check's result, or a failed check saying why it could not be made."""
+    try:
+        return check()
+    except Exception as error:
+        logger.debug("Check %r could not be made", name, exc_info=True)
+        return _Check(name, False, f"cannot be judged: {_describe_error(error)}")
 
 
 def _status_check(status: Any) -> _Check:
@@ -455,7 +588,7 @@ def _status_check(status: Any) -> _Check:
     return _Check("status", False, f"unknown status {status!r} (expected {expected})")
 
 
-def _finite_check(dataset: xr.Dataset, method: str) -> _Check:
+def _finite_check(store: _RunStore, method: str) -> _Check:
     """No NaN or inf in the result variables or the per-iteration objective.
 
     The eigenvalue trace is NaN by design where an eigenpair is not being iterated
@@ -464,7 +597,7 @@ def _finite_check(dataset: xr.Dataset, method: str) -> _Check:
     """
     bad = []
     for name in (*RESULT_VARIABLES[method], OBJECTIVE_VARIABLES[method]):
-        values = _values(dataset, name)
+        values = store.values(name)
         if name == "eigenvalue_trace":
             values = values.reshape(len(values), -1)
             short = np.isfinite(values).sum(axis=1) < values.shape[1] / 2
@@ -479,62 +612,338 @@ def _finite_check(dataset: xr.Dataset, method: str) -> _Check:
     return _Check("finite values", True, f"no NaN or inf in {checked}")
 
 
-def _check_metamer(dataset: xr.Dataset, limits: dict[str, float]) -> list[_Check]:
-    initial = _values(dataset, "initial_loss")
-    final = _values(dataset, "final_loss")
+# --- trajectories: levelling off and stalling -----------------------------------
+
+
+def _per_sample(store: _RunStore, name: str) -> np.ndarray:
+    """A per-iteration variable as (iteration, sample), one column for a run of
+    one sample."""
+    values = store.values(name)
+    return values.reshape(len(values), -1)
+
+
+def _stops(store: _RunStore, samples: int) -> np.ndarray:
+    """Iterations each sample ran before it stopped.
+
+    A sample that converged or diverged is frozen while the others go on, so its
+    recorded trajectory ends at its stop iteration; a store without
+    ``stop_iteration`` ran every sample to the end.
+    """
+    length = store.sizes.get("iteration", 0)
+    if "stop_iteration" not in store:
+        return np.full(samples, length, dtype=np.int64)
+    stops = store.raw("stop_iteration").astype(np.int64).reshape(-1)
+    return np.minimum(stops, length)
+
+
+def _final_slope(series: np.ndarray, window: int) -> float | None:
+    """How fast a series still changes at its end, relative to its mean change.
+
+    The final slope is the change between the means of the last two windows of
+    ``window`` values, per value; the mean slope is the change from the first value
+    to the mean of the last window, per value up to that window's middle. Means
+    rather than single values keep the brief spikes of Adam from passing for a
+    trend.
+
+    Returns
+    -------
+    ratio
+        Final over mean slope: 1 for a series that changes at a steady rate, 0 for
+        one flat at its end, inf for one that moved only at its end; None when the
+        series is shorter than two windows.
+    """
+    if len(series) < 2 * window:
+        return None
+    last = series[-window:].mean()
+    before = series[-2 * window : -window].mean()
+    final = abs(before - last) / window
+    mean = abs(series[0] - last) / (len(series) - (window + 1) / 2)
+    if final == 0:
+        return 0.0
+    if mean == 0:
+        return math.inf
+    return final / mean
+
+
+def _plateau_check(
+    series: np.ndarray,
+    starts: np.ndarray,
+    stops: np.ndarray,
+    labels: list[str],
+    what: str,
+    limits: dict[str, float],
+) -> _Check:
+    """The final slope of ``series`` (iteration, sample) of every sample, between
+    its start and stop iterations, is below the limit."""
+    window, limit = limits["final_window"], limits["max_final_slope"]
+    ratios, short = [], []
+    for column, label in enumerate(labels):
+        run = series[starts[column] : stops[column], column]
+        ratio = _final_slope(run, window)
+        if ratio is None:
+            short.append(f"{label} ran {len(run)}")
+        else:
+            ratios.append((ratio, label))
+    if short:
+        return _Check(
+            "plateau",
+            False,
+            f"cannot be judged: {', '.join(short)} iterations, fewer than two "
+            f"windows of final_window={window}",
+        )
+    worst, label = max(ratios, key=lambda pair: np.nan_to_num(pair[0], nan=np.inf))
+    where = f" (worst: {label})" if len(labels) > 1 else ""
+    return _Check(
+        "plateau",
+        bool(worst <= limit),
+        f"over the last {window} iterations the {what} changed at {worst:.2e} of "
+        f"its mean rate over the run{where} (limit {limit:g})",
+        worst,
+    )
+
+
+def _stall_check(
+    store: _RunStore,
+    stops: np.ndarray,
+    labels: list[str],
+    unmet: list[str],
+    limits: dict[str, float],
+) -> _Check:
+    """Whether the optimiser stopped moving the image while the goal is unmet.
+
+    An image that no longer changes ends a trajectory that looks levelled off,
+    so a stall passes the plateau check; it fails here only where the run's goal
+    is unmet, since a run that reached it may rest.
+
+    Parameters
+    ----------
+    stops
+        Iterations each sample ran.
+    labels
+        Name of each sample.
+    unmet
+        For each sample, what of its goal is unmet, or ``""`` when it is met.
+    """
+    window, limit = limits["final_window"], limits["max_stalled_step"]
+    steps = _per_sample(store, "pixel_change_norm")
+    ratios = []
+    for column in range(len(labels)):
+        run = steps[: stops[column], column]
+        largest = float(np.nanmax(run)) if run.size else 0.0
+        last = float(np.nanmax(run[-window:])) if run.size else 0.0
+        ratios.append(last / largest if largest > 0 else 0.0)
+    smallest = min(ratios)
+    stalled = [
+        f"{label} ({ratio:.2e}), while {why}"
+        for label, ratio, why in zip(labels, ratios, unmet, strict=True)
+        if ratio <= limit and why
+    ]
+    measured = (
+        f"largest image change over the last {window} iterations as a fraction "
+        f"of the largest of the run"
+    )
+    if stalled:
+        return _Check(
+            "stall",
+            False,
+            f"the image stopped changing before the goal was reached, its "
+            f"{measured} at most {limit:g}: {', '.join(stalled)}",
+            smallest,
+        )
+    if smallest <= limit:
+        return _Check(
+            "stall",
+            True,
+            f"the image stopped changing ({measured}: {smallest:.2e}, stalled at or "
+            f"below {limit:g}) once the goal was reached",
+            smallest,
+        )
+    return _Check(
+        "stall",
+        True,
+        f"the image still changed ({measured}: {smallest:.2e}, stalled at or below "
+        f"{limit:g})",
+        smallest,
+    )
+
+
+# --- metamer --------------------------------------------------------------------
+
+
+def _metamer_loss(store: _RunStore) -> tuple[np.ndarray, np.ndarray]:
+    """Final loss per sample, and its ratio to the initial loss."""
+    initial = store.values("initial_loss")
+    final = store.values("final_loss")
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.where(final == 0, 0.0, final / initial)
+    return final, ratio
+
+
+def _sample_labels(store: _RunStore, count: int) -> list[str]:
+    if "seed" in store and store.raw("seed").size == count:
+        return [f"seed {int(seed)}" for seed in store.raw("seed").ravel()]
+    return [f"sample {i}" for i in range(count)]
+
+
+def _check_relative_loss(store: _RunStore, limits: dict[str, float]) -> _Check:
+    _, ratio = _metamer_loss(store)
     worst = int(np.argmax(np.nan_to_num(ratio, nan=np.inf)))
     limit = limits["max_relative_loss"]
     which = f" (worst of {ratio.size} samples)" if ratio.size > 1 else ""
-    loss = _Check(
+    return _Check(
         "relative loss",
         bool(np.all(ratio < limit)),
         f"final loss is {ratio[worst]:.2e} of the initial loss{which} "
         f"(limit {limit:g})",
+        float(ratio[worst]),
     )
 
-    metamer = _values(dataset, "metamer")
+
+def _check_absolute_loss(store: _RunStore, limits: dict[str, float]) -> _Check:
+    final, _ = _metamer_loss(store)
+    worst = float(np.max(np.nan_to_num(final, nan=np.inf)))
+    limit = limits["max_loss"]
+    return _Check(
+        "absolute loss",
+        bool(np.all(final <= limit)),
+        f"final loss is {worst:.2e} (limit {limit:g})",
+        worst,
+    )
+
+
+def _check_metamer_plateau(store: _RunStore, limits: dict[str, float]) -> _Check:
+    objective = _per_sample(store, "objective")
+    count = objective.shape[1]
+    stops = _stops(store, count)
+    # A coarse-to-fine run is judged in its final, all-scales stage only: earlier
+    # stages lower other objectives.
+    start = _final_stage_start(store)
+    starts = np.full(count, max(start, 0), dtype=np.int64)
+    what = "objective" if start <= 0 else "objective of the all-scales stage"
+    return _plateau_check(
+        objective, starts, stops, _sample_labels(store, count), what, limits
+    )
+
+
+def _check_pixel_range(store: _RunStore, limits: dict[str, float]) -> _Check:
+    metamer = store.values("metamer")
     excess = float(max(0.0, -np.min(metamer), np.max(metamer) - 1.0))
     limit = limits["max_range_excess"]
-    pixels = _Check(
+    return _Check(
         "pixel range",
         excess <= limit,
         f"pixels lie up to {excess:.2e} outside [0, 1] (limit {limit:g})",
+        excess,
     )
-    return [loss, pixels]
 
 
-def _check_mad(dataset: xr.Dataset, limits: dict[str, float]) -> list[_Check]:
-    labels = [str(label) for label in dataset["direction"].values]
-    extremum = [str(value) for value in dataset["extremum"].values]
-    optimized_name = [str(value) for value in dataset["optimized_name"].values]
+def _final_stage_start(store: _RunStore) -> int:
+    """The iteration at which a coarse-to-fine run's last stage began: 0 for a run
+    without stages, -1 for one that never reached it."""
+    if "stage_start" not in store:
+        return 0
+    return int(store.raw("stage_start").ravel()[-1])
 
-    metrics = run_spec(dataset).get("settings", {}).get("metrics") or sorted(
-        set(optimized_name)
+
+def _check_coarse_to_fine(store: _RunStore, limits: dict[str, float]) -> _Check:
+    if "stage_name" not in store:
+        return _Check("coarse-to-fine", True, "not a coarse-to-fine run")
+    names = store.labels("stage_name")
+    starts = [int(start) for start in store.raw("stage_start").ravel()]
+    problems = [
+        f"never reached stage {name!r}"
+        for name, start in zip(names, starts, strict=True)
+        if start < 0
+    ]
+    if names[-1] != "all":
+        problems.append(f"the last stage is {names[-1]!r}, not the all-scales 'all'")
+    if "stage" in store and not problems:
+        reached = int(np.max(store.raw("stage")))
+        if reached != len(names) - 1:
+            problems.append(
+                f"its per-iteration stage reached index {reached} only, of "
+                f"{len(names) - 1}"
+            )
+    iterations = store.sizes.get("iteration", 0)
+    ran = iterations - starts[-1] if starts[-1] >= 0 else 0
+    stages = ", ".join(
+        f"{name} at {start}" if start >= 0 else f"{name} never"
+        for name, start in zip(names, starts, strict=True)
+    )
+    if problems:
+        return _Check("coarse-to-fine", False, f"{', '.join(problems)} ({stages})")
+    return _Check(
+        "coarse-to-fine",
+        True,
+        f"reached all {len(names)} stages ({stages}), the all-scales one for the "
+        f"last {ran} iterations",
+        float(ran),
+    )
+
+
+def _check_metamer_stall(store: _RunStore, limits: dict[str, float]) -> _Check:
+    final, ratio = _metamer_loss(store)
+    unmet = []
+    for loss, relative in zip(final, ratio, strict=True):
+        if not relative < limits["max_relative_loss"]:
+            unmet.append(f"its loss is still {relative:.2e} of the initial loss")
+        elif not loss <= limits["max_loss"]:
+            unmet.append(f"its loss is still {loss:.2e}")
+        else:
+            unmet.append("")
+    stops = _stops(store, len(final))
+    return _stall_check(store, stops, _sample_labels(store, len(final)), unmet, limits)
+
+
+# --- MAD competition ------------------------------------------------------------
+
+
+def _mad_directions(store: _RunStore) -> tuple[list[str], np.ndarray]:
+    """Each direction's label and whether it minimises its optimized metric."""
+    labels = store.labels("direction")
+    extremum = store.labels("extremum")
+    return labels, np.array([way == "min" for way in extremum])
+
+
+def _check_mad_directions(store: _RunStore, limits: dict[str, float]) -> _Check:
+    labels = store.labels("direction")
+    extremum = store.labels("extremum")
+    optimized = store.labels("optimized_name")
+    metrics = run_spec(store).get("settings", {}).get("metrics") or sorted(
+        set(optimized)
     )
     expected = [f"{way} {name}" for name in metrics for way in ("min", "max")]
-    present = {
-        f"{way} {name}" for way, name in zip(extremum, optimized_name, strict=True)
-    }
-    missing = [label for label in expected if label not in present]
-    directions = _Check(
-        "directions",
-        not missing and len(expected) == 4,
-        f"missing {', '.join(missing)}"
-        if missing
-        else f"all four present ({', '.join(expected)})",
-    )
+    # The labels must say what each direction did, not only be the right words.
+    implied = [f"{way} {name}" for way, name in zip(extremum, optimized, strict=True)]
+    problems = []
+    missing = [label for label in expected if label not in implied]
+    if missing:
+        problems.append(f"missing {', '.join(missing)}")
+    if len(labels) != 4 or len(expected) != 4:
+        problems.append(f"{len(labels)} directions, not 4")
+    mislabelled = [
+        f"{label!r} holds {what!r}"
+        for label, what in zip(labels, implied, strict=True)
+        if label != what
+    ]
+    if mislabelled:
+        problems.append(f"mislabelled: {', '.join(mislabelled)}")
+    if problems:
+        return _Check("directions", False, ", ".join(problems))
+    return _Check("directions", True, f"all four present ({', '.join(expected)})")
 
-    start = _values(dataset, "optimized_metric")[0]
-    final = _values(dataset, "final_optimized_metric")
-    moved = np.where(np.array(extremum) == "min", final < start, final > start)
+
+def _check_mad_optimized(store: _RunStore, limits: dict[str, float]) -> _Check:
+    labels, minimise = _mad_directions(store)
+    start = _per_sample(store, "optimized_metric")[0]
+    final = store.values("final_optimized_metric")
+    moved = np.where(minimise, final < start, final > start)
     wrong = [
         f"{label} went from {s:.3e} to {f:.3e}"
         for label, s, f, ok in zip(labels, start, final, moved, strict=True)
         if not ok
     ]
-    optimized = _Check(
+    return _Check(
         "optimized metric",
         not wrong,
         f"did not move the asked way: {', '.join(wrong)}"
@@ -542,22 +951,44 @@ def _check_mad(dataset: xr.Dataset, limits: dict[str, float]) -> list[_Check]:
         else f"moved the asked way in all {len(labels)} directions",
     )
 
-    reference_start = _values(dataset, "reference_metric_start")
-    reference_final = _values(dataset, "final_reference_metric")
+
+def _check_mad_plateau(store: _RunStore, limits: dict[str, float]) -> _Check:
+    labels, _ = _mad_directions(store)
+    metric = _per_sample(store, "optimized_metric")
+    stops = _stops(store, len(labels))
+    starts = np.zeros(len(labels), dtype=np.int64)
+    return _plateau_check(metric, starts, stops, labels, "optimized metric", limits)
+
+
+def _check_mad_reference(store: _RunStore, limits: dict[str, float]) -> _Check:
+    labels, _ = _mad_directions(store)
+    reference_start = store.values("reference_metric_start")
+    reference_final = store.values("final_reference_metric")
     drift = _relative_change(reference_final, reference_start)
     # The held metric must also have stayed put on the way: an image that left
     # the level set and came back may have been optimised somewhere else.
-    along = _relative_change(_values(dataset, "reference_metric"), reference_start)
+    along = _relative_change(_per_sample(store, "reference_metric"), reference_start)
     along = np.nanmax(np.where(np.isnan(along), np.inf, along), axis=0)
     worst = int(np.argmax(np.nan_to_num(np.maximum(drift, along), nan=np.inf)))
     limit = limits["max_reference_drift"]
-    reference = _Check(
+    return _Check(
         "reference metric drift",
         bool(np.all(drift <= limit) and np.all(along <= limit)),
         f"largest relative change {drift[worst]:.2e} at the end and "
         f"{along[worst]:.2e} along the way, in {labels[worst]!r} (limit {limit:g})",
+        float(max(drift[worst], along[worst])),
     )
-    return [directions, optimized, reference]
+
+
+def _check_mad_stall(store: _RunStore, limits: dict[str, float]) -> _Check:
+    labels, minimise = _mad_directions(store)
+    start = _per_sample(store, "optimized_metric")[0]
+    final = store.values("final_optimized_metric")
+    moved = np.where(minimise, final < start, final > start)
+    unmet = [
+        "" if ok else "its optimized metric has not moved the asked way" for ok in moved
+    ]
+    return _stall_check(store, _stops(store, len(labels)), labels, unmet, limits)
 
 
 def _relative_change(values: np.ndarray, start: np.ndarray) -> np.ndarray:
@@ -567,61 +998,94 @@ def _relative_change(values: np.ndarray, start: np.ndarray) -> np.ndarray:
         return np.where(change == 0, 0.0, change / np.abs(start))
 
 
-def _check_eigendistortion(
-    dataset: xr.Dataset, limits: dict[str, float]
-) -> list[_Check]:
-    dataset = dataset.sortby("eigenindex")
-    eigenvalue = _values(dataset, "eigenvalue")
-    residual = _values(dataset, "residual")
-    top, bottom = eigenvalue[0], eigenvalue[-1]
+# --- eigendistortion ------------------------------------------------------------
 
-    limit = limits["max_residual"]
-    if top > 0:
-        ratio = float(np.max(residual)) / top
-        residuals = _Check(
-            "eigenpair residual",
-            ratio <= limit,
-            f"largest residual is {ratio:.2e} of the top eigenvalue (limit {limit:g})",
-        )
-    else:
-        residuals = _Check(
+
+def _eigenindex(store: _RunStore) -> np.ndarray:
+    return store.raw("eigenindex").astype(np.int64).ravel()
+
+
+def _eigenpairs(store: _RunStore) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Eigenindices, eigenvalues and residuals, top first."""
+    index = _eigenindex(store)
+    order = np.argsort(index)
+    return (
+        index[order],
+        store.values("eigenvalue")[order],
+        store.values("residual")[order],
+    )
+
+
+def _check_eigen_residual(store: _RunStore, limits: dict[str, float]) -> _Check:
+    index, eigenvalue, residual = _eigenpairs(store)
+    top = eigenvalue[0]
+    limit = limits["max_relative_residual"]
+    if not top > 0:
+        return _Check(
             "eigenpair residual",
             False,
             f"top eigenvalue {top:.3e} is not a positive number, so residuals "
             "cannot be judged",
         )
+    floor = EIGENVALUE_FLOOR * top
+    scale = np.maximum(eigenvalue, floor)
+    relative = residual / scale
+    worst = int(np.argmax(np.nan_to_num(relative, nan=np.inf)))
+    floored = (
+        f", judged against {EIGENVALUE_FLOOR:g} x the top eigenvalue, its own "
+        f"being {eigenvalue[worst]:.2e}"
+        if eigenvalue[worst] < floor
+        else ""
+    )
+    return _Check(
+        "eigenpair residual",
+        bool(np.all(relative <= limit)),
+        f"largest |Fv - lambda v| / lambda is {relative[worst]:.2e}, for "
+        f"eigenindex {index[worst]}{floored} (limit {limit:g})",
+        float(relative[worst]),
+    )
 
-    order = _Check(
+
+def _check_eigen_order(store: _RunStore, limits: dict[str, float]) -> _Check:
+    _, eigenvalue, _ = _eigenpairs(store)
+    top, bottom = eigenvalue[0], eigenvalue[-1]
+    return _Check(
         "eigenvalue order",
-        len(eigenvalue) < 2 or top > bottom,
+        bool(len(eigenvalue) < 2 or top > bottom),
         f"top eigenvalue {top:.3e}, bottom {bottom:.3e}",
     )
 
-    distortion = _values(dataset, "eigendistortion")
+
+def _check_unit_norm(store: _RunStore, limits: dict[str, float]) -> _Check:
+    distortion = store.values("eigendistortion")
     norms = np.sqrt(np.sum(distortion.reshape(len(distortion), -1) ** 2, axis=1))
     off = float(np.max(np.abs(norms - 1.0)))
-    unit = _Check(
+    return _Check(
         "unit norm",
         off <= UNIT_NORM_TOLERANCE,
         f"eigendistortion norms differ from 1 by up to {off:.2e} "
         f"(tolerance {UNIT_NORM_TOLERANCE:g})",
+        off,
     )
-    return [residuals, order, unit, _check_eigenvalues_steady(dataset, limits)]
 
 
-def _check_eigenvalues_steady(dataset: xr.Dataset, limits: dict[str, float]) -> _Check:
-    """Each eigenvalue estimate held still over the last iterations of its trace.
+def _check_eigenvalues_steady(store: _RunStore, limits: dict[str, float]) -> _Check:
+    """Each power-method eigenvalue estimate held still over the last iterations
+    of its trace.
 
-    A small residual relative to the top eigenvalue says little about a bottom
-    eigenvalue many orders of magnitude smaller; an estimate still falling is not
-    found yet.
+    The power method finds the bottom of the spectrum slowly, and an estimate
+    still falling is not found yet. The other methods judge their eigenvalues by
+    error bounds, so their traces are not judged here.
     """
-    if run_spec(dataset).get("settings", {}).get("method") == "exact":
-        return _Check("eigenvalues steady", True, "exact eigendecomposition")
+    method = run_spec(store).get("settings", {}).get("method", "power")
+    if method != "power":
+        return _Check("eigenvalues steady", True, f"not judged for method {method!r}")
     window = EIGENVALUE_WINDOW
     limit = limits["max_eigenvalue_change"]
-    trace = _values(dataset, "eigenvalue_trace")
-    labels = [int(i) for i in dataset["eigenindex"].values]
+    trace = store.values("eigenvalue_trace").reshape(
+        store.sizes.get("iteration", 0), -1
+    )
+    labels = [int(i) for i in _eigenindex(store)]
     moving = []
     worst = 0.0
     for column, index in enumerate(labels):
@@ -641,46 +1105,155 @@ def _check_eigenvalues_steady(dataset: xr.Dataset, limits: dict[str, float]) -> 
         else f"largest change over the last {window} iterations {worst:.2e} "
         f"(limit {limit:g})"
     )
-    return _Check("eigenvalues steady", not moving, detail)
+    return _Check("eigenvalues steady", not moving, detail, worst)
 
 
-def _check_geodesic(dataset: xr.Dataset, limits: dict[str, float]) -> list[_Check]:
-    path = _values(dataset, "path")
-    initial = _values(dataset, "initial_path")
+def _check_sensitivity(store: _RunStore, limits: dict[str, float]) -> _Check:
+    """How much more the representation moves along the top eigendistortion than
+    along the bottom one, at the same amplitude.
+
+    A unit distortion ``v`` changes the representation by ``sqrt(v^T F v)``, which
+    is ``sqrt(lambda)`` for an eigendistortion; at any display amplitude the ratio
+    of the two changes is therefore ``sqrt(lambda_top / lambda_bottom)``.
+    """
+    _, eigenvalue, _ = _eigenpairs(store)
+    top, bottom = eigenvalue[0], eigenvalue[-1]
+    limit = limits["min_sensitivity_ratio"]
+    if not top > 0:
+        return _Check(
+            "sensitivity ratio",
+            False,
+            f"top eigenvalue {top:.3e} is not positive: the model does not respond "
+            "to the top eigendistortion",
+        )
+    ratio = math.sqrt(top / bottom) if bottom > 0 else math.inf
+    return _Check(
+        "sensitivity ratio",
+        bool(ratio > limit),
+        f"the representation moves {ratio:.3g} times more along the top "
+        f"eigendistortion than along the bottom one, sqrt({top:.3e} / "
+        f"{bottom:.3e}) (must exceed {limit:g})",
+        ratio,
+    )
+
+
+# --- geodesic -------------------------------------------------------------------
+
+
+def _check_endpoints(store: _RunStore, limits: dict[str, float]) -> _Check:
+    path = store.raw("path")
+    initial = store.raw("initial_path")
     moved = [
-        f"{end} frame moved by up to {np.max(np.abs(path[i] - initial[i])):.2e}"
+        f"{end} frame moved by up to "
+        f"{np.max(np.abs(path[i].astype(np.float64) - initial[i])):.2e}"
         for end, i in (("first", 0), ("last", -1))
         if not np.array_equal(path[i], initial[i])
     ]
-    endpoints = _Check(
+    return _Check(
         "endpoints",
         not moved,
         ", ".join(moved) if moved else "first and last frames equal the initial path's",
     )
 
-    energy = float(_values(dataset, "final_path_energy"))
-    fade = float(_values(dataset, "fade_path_energy"))
+
+def _check_energy(store: _RunStore, limits: dict[str, float]) -> _Check:
+    energy = float(store.values("final_path_energy"))
+    fade = float(store.values("fade_path_energy"))
     limit = limits["max_energy_ratio"]
-    if fade > 0:
-        ratio = energy / fade
-        energies = _Check(
-            "energy ratio",
-            ratio <= limit,
-            f"path energy is {ratio:.3f} of the pixel fade's (limit {limit:g})",
-        )
-    else:
-        energies = _Check(
+    if not fade > 0:
+        return _Check(
             "energy ratio",
             False,
             f"the pixel fade's energy is {fade:.3e}, so the path cannot be judged "
             "by it",
         )
-    return [endpoints, energies]
+    ratio = energy / fade
+    return _Check(
+        "energy ratio",
+        bool(ratio <= limit),
+        f"path energy is {ratio:.3f} of the pixel fade's (limit {limit:g})",
+        ratio,
+    )
 
 
-METHOD_CHECKS: dict[str, Callable[[xr.Dataset, dict[str, float]], list[_Check]]] = {
-    "metamer": _check_metamer,
-    "mad": _check_mad,
-    "eigendistortion": _check_eigendistortion,
-    "geodesic": _check_geodesic,
+def _worst_frame(store: _RunStore, name: str) -> tuple[float, int, float]:
+    """The largest value of a per-frame variable, its frame, and the fade's
+    largest value of the same."""
+    values = store.values(name)
+    frames = store.raw(store.dims(name)[0]) if store.dims(name)[0] in store else None
+    worst = int(np.argmax(np.nan_to_num(values, nan=np.inf)))
+    frame = int(frames[worst]) if frames is not None else worst
+    fade = store.values(f"fade_{name}")
+    return float(values[worst]), frame, float(np.nanmax(fade))
+
+
+def _check_optimality(store: _RunStore, limits: dict[str, float]) -> _Check:
+    residual, step, fade = _worst_frame(store, "optimality_residual")
+    limit = limits["max_optimality_residual"]
+    return _Check(
+        "optimality residual",
+        bool(residual <= limit),
+        f"largest optimality residual is {residual:.3g}, at step {step} (pixel "
+        f"fade: {fade:.3g}, limit {limit:g})",
+        residual,
+    )
+
+
+def _check_deviation(store: _RunStore, limits: dict[str, float]) -> _Check:
+    deviation, step, fade = _worst_frame(store, "deviation")
+    limit = limits["max_deviation"]
+    return _Check(
+        "deviation",
+        bool(deviation <= limit),
+        f"frames lie up to {deviation:.3g} of the endpoint distance off the straight "
+        f"line in representation space, at step {step} (pixel fade: {fade:.3g}, "
+        f"limit {limit:g})",
+        deviation,
+    )
+
+
+def _check_geodesic_stall(store: _RunStore, limits: dict[str, float]) -> _Check:
+    residual, _, _ = _worst_frame(store, "optimality_residual")
+    unmet = (
+        ""
+        if residual <= limits["max_optimality_residual"]
+        else f"its optimality residual is still {residual:.3g}"
+    )
+    stops = np.array([store.sizes.get("iteration", 0)])
+    return _stall_check(store, stops, ["path"], [unmet], limits)
+
+
+#: The checks of each method, by name, in the order they are reported.
+METHOD_CHECKS: dict[
+    str, list[tuple[str, Callable[[_RunStore, dict[str, float]], _Check]]]
+] = {
+    "metamer": [
+        ("relative loss", _check_relative_loss),
+        ("absolute loss", _check_absolute_loss),
+        ("plateau", _check_metamer_plateau),
+        ("pixel range", _check_pixel_range),
+        ("coarse-to-fine", _check_coarse_to_fine),
+        ("stall", _check_metamer_stall),
+    ],
+    "mad": [
+        ("directions", _check_mad_directions),
+        ("optimized metric", _check_mad_optimized),
+        ("plateau", _check_mad_plateau),
+        ("reference metric drift", _check_mad_reference),
+        ("stall", _check_mad_stall),
+    ],
+    "eigendistortion": [
+        ("eigenpair residual", _check_eigen_residual),
+        ("eigenvalue order", _check_eigen_order),
+        ("unit norm", _check_unit_norm),
+        ("eigenvalues steady", _check_eigenvalues_steady),
+        ("sensitivity ratio", _check_sensitivity),
+    ],
+    "geodesic": [
+        ("endpoints", _check_endpoints),
+        ("energy ratio", _check_energy),
+        ("optimality residual", _check_optimality),
+        ("deviation", _check_deviation),
+        ("stall", _check_geodesic_stall),
+    ],
 }

@@ -1,11 +1,15 @@
-"""The ``stimsynth`` command: audit a study's run stores, or describe one store.
+"""The ``stimsynth`` command: audit a study's run stores, tabulate them, or
+describe one store.
 
 ``stimsynth audit RESULTS`` audits every run store under ``RESULTS/runs`` and
-prints the summary; ``stimsynth inspect STORE`` describes one store. Everything
-the command prints goes through :func:`_say`.
+prints the summary; ``stimsynth study RESULTS`` prints a table of every run under
+``RESULTS/runs`` and lists the damaged stores; ``stimsynth inspect STORE`` checks
+one store completely and describes it. Everything the command prints goes through
+:func:`_say`.
 
-Exit codes: 0 when all is well, 1 when a run fails the audit or a store cannot be
-inspected, 2 for a usage error, an unreadable config, or no stores to audit.
+Exit codes: 0 when all is well, 1 when a run fails the audit or a store is damaged
+or cannot be inspected, 2 for a usage error, an unreadable config, or no stores to
+audit or tabulate.
 """
 
 from __future__ import annotations
@@ -14,16 +18,28 @@ import argparse
 import json
 import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, NoReturn
 
 import numpy as np
+import pandas as pd
 import xarray as xr
 
 from . import __version__
 from .audit import audit_study, find_run_stores, summarize, write_audit
 from .config import ConfigError, load_config
-from .store import StoreError, open_run, run_spec
+from .store import (
+    COMPARED_PACKAGES,
+    StoreError,
+    StoreVerification,
+    StoreVersionWarning,
+    open_run,
+    run_spec,
+    verify_run,
+    version_differences,
+)
+from .study import Study, open_study
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +49,17 @@ EXIT_USAGE = 2
 
 # A final variable with at most this many values is shown in full by inspect.
 _SMALL = 16
+
+#: Columns of the study table that ``stimsynth study`` prints; ``--csv`` writes all.
+STUDY_COLUMNS = (
+    "run_id",
+    "status",
+    "iterations",
+    "final_objective",
+    "wall_time_s",
+    "device",
+    "dtype",
+)
 
 
 class _Exit(Exception):
@@ -92,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
 def _parser() -> _Parser:
     parser = _Parser(
         prog="stimsynth",
-        description="Audit and inspect stimsynth run stores.",
+        description="Audit, tabulate and inspect stimsynth run stores.",
     )
     parser.add_argument(
         "-v", "--verbose", action="store_true", help="log every check to stderr"
@@ -120,11 +147,32 @@ def _parser() -> _Parser:
     audit.add_argument("--csv", type=Path, help="also write the audit table here")
     audit.set_defaults(handler=_audit)
 
+    study = commands.add_parser(
+        "study",
+        help="tabulate every run store of a study",
+        description="Print one line per run store under RESULTS/runs (its status, "
+        "iterations, final objective, time and device) and list the stores that "
+        "are damaged. Reads metadata and final values only, unless --verify. "
+        "Exits 1 if any store is damaged.",
+    )
+    study.add_argument("results", type=Path, help="the study's results folder")
+    study.add_argument(
+        "--csv", type=Path, help="also write the whole table (every column) here"
+    )
+    study.add_argument(
+        "--verify",
+        action="store_true",
+        help="read every chunk of every store, to find damaged trajectories too",
+    )
+    study.set_defaults(handler=_study)
+
     inspect = commands.add_parser(
         "inspect",
-        help="describe one run store",
-        description="Print what a run store holds: its run, outcome, provenance, "
-        "final numbers and variables.",
+        help="check and describe one run store",
+        description="Read every chunk of a run store, then print what it holds: "
+        "its run, outcome, provenance, final numbers and variables, and whether it "
+        "was written by other versions of stimsynth, torch or plenoptic. Exits 1 "
+        "if the store is damaged.",
     )
     inspect.add_argument("store", type=Path, help="a run store (a .zarr folder)")
     inspect.set_defaults(handler=_inspect)
@@ -150,8 +198,8 @@ def _audit(args: argparse.Namespace) -> int:
     if not stores:
         _say(
             f"stimsynth audit: no run stores found in {runs} (looked for folders "
-            "ending in .zarr that hold a zarr.json); give the results folder of a "
-            "study whose runs have finished",
+            "ending in .zarr); give the results folder of a study whose runs have "
+            "finished",
             error=True,
         )
         return EXIT_USAGE
@@ -167,35 +215,140 @@ def _audit(args: argparse.Namespace) -> int:
     return EXIT_FAILED if (table["verdict"] == "fail").any() else EXIT_OK
 
 
-def _inspect(args: argparse.Namespace) -> int:
+def _study(args: argparse.Namespace) -> int:
     try:
-        with open_run(args.store) as dataset:
-            text = describe_store(dataset)
-    except StoreError as error:
+        study = open_study(args.results, verify=args.verify)
+    except FileNotFoundError as error:
+        _say(f"stimsynth study: {error}", error=True)
+        return EXIT_USAGE
+    if not len(study) and study.damaged.empty:
         _say(
-            f"stimsynth inspect: {error}; give the path of a finished run store, "
-            "such as results/runs/<method>/<group>/<image>/seed0.zarr",
+            f"stimsynth study: no run stores found in {study.root} (looked for "
+            "folders ending in .zarr); give the results folder of a study whose "
+            "runs have finished",
             error=True,
         )
-        return EXIT_FAILED
+        return EXIT_USAGE
+    if args.csv is not None:
+        try:
+            args.csv.parent.mkdir(parents=True, exist_ok=True)
+            study.table.to_csv(args.csv, index=False)
+        except OSError as error:
+            _say(f"stimsynth study: cannot write {args.csv}: {error}", error=True)
+            return EXIT_USAGE
+    _say(describe_study(study))
+    return EXIT_FAILED if len(study.damaged) else EXIT_OK
+
+
+def describe_study(study: Study) -> str:
+    """A readable account of a study: one line per run, then the damaged stores.
+
+    Parameters
+    ----------
+    study
+        A :class:`stimsynth.study.Study`.
+
+    Returns
+    -------
+    text
+        A count of runs, the columns :data:`STUDY_COLUMNS` of the table, the
+        runs written by other versions, and every damaged store with its reason.
+    """
+    table, damaged = study.table, study.damaged
+    lines = [f"{len(table)} runs in {study.root}, {len(damaged)} damaged stores."]
+    if len(table):
+        lines += [""] + _columns(table[list(STUDY_COLUMNS)])
+        other = table[table["version_differences"] != ""]
+        if len(other):
+            lines += ["", "Written by other versions than this one:"]
+            lines += [
+                f"{run.run_id}: {run.version_differences}" for run in other.itertuples()
+            ]
+    if len(damaged):
+        lines += ["", "Damaged stores (left out of the table):"]
+        lines += [f"{run.run_id}: {run.reason}" for run in damaged.itertuples()]
+    return "\n".join(lines)
+
+
+def _columns(frame: pd.DataFrame) -> list[str]:
+    """A table as aligned text: text columns to the left, numbers to the right."""
+    cells, numeric = {}, {}
+    for name, column in frame.items():
+        numeric[name] = pd.api.types.is_numeric_dtype(column)
+        cells[name] = [_cell(value) for value in column]
+    widths = {
+        name: max([len(name), *(len(cell) for cell in column)])
+        for name, column in cells.items()
+    }
+
+    def line(values: dict[str, str]) -> str:
+        return "  ".join(
+            f"{values[name]:>{widths[name]}}"
+            if numeric[name]
+            else f"{values[name]:<{widths[name]}}"
+            for name in cells
+        ).rstrip()
+
+    rows = [line({name: name for name in cells})]
+    rows += [
+        line({name: column[i] for name, column in cells.items()})
+        for i in range(len(frame))
+    ]
+    return rows
+
+
+def _cell(value: Any) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "-"
+    if isinstance(value, float | np.floating):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", StoreVersionWarning)
+        try:
+            verification = verify_run(args.store)
+            with open_run(args.store) as dataset:
+                text = describe_store(dataset, verification)
+        except StoreError as error:
+            _say(
+                f"stimsynth inspect: {error}; give the path of a finished run store, "
+                "such as results/runs/<method>/<group>/<image>/seed0.zarr",
+                error=True,
+            )
+            return EXIT_FAILED
+    notes = dict.fromkeys(
+        str(warning.message)
+        for warning in caught
+        if issubclass(warning.category, StoreVersionWarning)
+    )
+    for note in notes:
+        _say(f"stimsynth inspect: warning: {note}", error=True)
     _say(text)
     return EXIT_OK
 
 
-def describe_store(dataset: xr.Dataset) -> str:
+def describe_store(
+    dataset: xr.Dataset, verification: StoreVerification | None = None
+) -> str:
     """A readable description of one run store.
 
     Parameters
     ----------
     dataset
         A store opened with :func:`stimsynth.store.open_run`.
+    verification
+        What :func:`stimsynth.store.verify_run` read of it, when it was verified.
 
     Returns
     -------
     text
-        The run and its outcome, where and with what it ran, its final numbers
-        (every result variable of at most a few values), and its variables with
-        their dimensions.
+        The run and its outcome, where and with what it ran (and whether that
+        differs from the running versions), how much of it was verified, its final
+        numbers (every result variable of at most a few values), and its variables
+        with their dimensions.
     """
     attrs = dataset.attrs
     try:
@@ -220,6 +373,9 @@ def describe_store(dataset: xr.Dataset) -> str:
             ("versions", _versions(attrs.get("versions"))),
             ("git commit", attrs.get("git_commit") or "unknown"),
             ("format", attrs.get("format_version")),
+            ("resumed at", _resumed(attrs.get("resumed_at"))),
+            ("differs", _differences(attrs)),
+            ("verified", _verified(verification)),
         ]
     )
 
@@ -251,6 +407,35 @@ def _fields(pairs: list[tuple[str, Any]]) -> list[str]:
 
 def _seconds(value: Any) -> str:
     return "unknown" if value is None else f"{value} s"
+
+
+def _resumed(text: str | None) -> str:
+    try:
+        iterations = json.loads(text) if text else []
+    except ValueError:
+        return str(text)
+    if not iterations:
+        return "never"
+    return "iterations " + ", ".join(str(i) for i in iterations)
+
+
+def _differences(attrs: dict) -> str:
+    differences = version_differences(attrs)
+    if not differences:
+        return f"no: written by the running {', '.join(COMPARED_PACKAGES)}"
+    return "; ".join(
+        f"{name} {written or 'unknown'} (running {running})"
+        for name, (written, running) in differences.items()
+    )
+
+
+def _verified(verification: StoreVerification | None) -> str:
+    if verification is None:
+        return "no"
+    return (
+        f"every chunk read: {verification.arrays} arrays, {verification.chunks} "
+        f"chunk files, {verification.nbytes / 2**20:.3g} MiB"
+    )
 
 
 def _versions(text: str | None) -> str:
