@@ -62,7 +62,9 @@ TINY = {
 }
 
 
-def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+def snakemake(
+    workdir: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     command = [
         *SNAKEMAKE,
         "--snakefile",
@@ -75,7 +77,7 @@ def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
         "2",
         *args,
     ]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
     return subprocess.run(command, capture_output=True, text=True, env=env)
 
 
@@ -207,3 +209,37 @@ def test_a_missing_image_file_stops_the_study_with_its_entry_and_no_traceback(
     )
     assert "Traceback" not in output
     assert not (tmp_path / "results" / "runs").exists()
+
+
+def test_a_diverged_run_is_published_and_the_study_goes_on(tmp_path):
+    study = {
+        "images": {"einstein": {"source": "plenoptic:einstein", "size": [32, 32]}},
+        "models": {"onoff": TINY["models"]["onoff"]},
+        "metamer": {
+            "nan": {
+                "model": "onoff",
+                "images": ["einstein"],
+                "max_iter": 60,
+                "loss": "tests.helpers.bad_models:loss_that_turns_nan",
+            },
+            "fine": {"model": "onoff", "images": ["einstein"], "max_iter": 20},
+        },
+    }
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
+    done = snakemake(tmp_path, env={"PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = tmp_path / "results" / "runs" / "metamer"
+    diverged = open_run(runs / "nan" / "einstein" / "seed0.zarr")
+    assert diverged.attrs["status"] == "diverged"
+    # The loss turns NaN on its 31st call in the job: iterations 0 to 29 took one
+    # each, so iteration 30 is the first whose objective is NaN.
+    assert "objective became nan at iteration 30" in diverged.attrs["stop_reason"]
+    assert diverged.sizes["iteration"] == 31
+    assert np.isfinite(diverged["metamer"].values).all()
+    fine = open_run(runs / "fine" / "einstein" / "seed0.zarr")
+    assert fine.attrs["status"] == "max_iter"
+    table = pd.read_csv(tmp_path / "results" / "audit.csv").set_index("run_id")
+    row = table.loc["metamer/nan/einstein/seed0"]
+    assert row["verdict"] == "fail"
+    assert "diverged" in row["reasons"]
+    assert (tmp_path / "results" / "figures" / "study.png").is_file()

@@ -135,3 +135,14 @@ class ScaledMSE:
 
     def __call__(self, x: Tensor, y: Tensor) -> Tensor:
         return self.scale * (x - y).pow(2).mean(dim=(1, 2, 3))
+
+
+_calls = {"count": 0}
+
+
+def loss_that_turns_nan(representation: Tensor, target: Tensor) -> Tensor:
+    """Mean squared difference for 30 calls in a process, NaN after: a run whose
+    objective becomes NaN part-way, as one that diverges does."""
+    _calls["count"] += 1
+    value = (representation - target).pow(2).mean()
+    return value if _calls["count"] <= 30 else value * float("nan")
