@@ -12,12 +12,14 @@ when the cluster cannot be reached, elsewhere it is skipped.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -286,3 +288,66 @@ def test_synthesis_jobs_were_granted_a_gpu_and_said_so(slurm_study):
             assert "mem=1100M" in job["TRES"], job
         else:
             assert "gpu" not in job.get("TresPerJob", ""), job
+
+
+def test_a_job_cancelled_by_the_scheduler_resumes_from_its_checkpoint(
+    slurm, slurm_study, tmp_path
+):
+    """scancel a synthesis job mid-run: snakemake's retry resubmits it, and the run
+    goes on from its checkpoint rather than from the start."""
+    finished, _, _ = slurm_study
+    workdir = tmp_path / "study"
+    shutil.copytree(finished, workdir, symlinks=True)
+    study = yaml.safe_load((workdir / "study.yaml").read_text())
+    study["checkpoint_every"] = 32
+    study["metamer"]["frontend"].update(
+        {"max_iter": 1500, "stop": {"window": 100000}, "seeds": [0]}
+    )
+    (workdir / "study.yaml").write_text(yaml.safe_dump(study))
+    run_id = "metamer/frontend/einstein/seed0"
+    checkpoint = workdir / "results" / ".partial" / f"{run_id}.checkpoint"
+    command = [
+        *(sys.executable, "-m", "snakemake"),
+        *("--snakefile", str(REPO / "Snakefile")),
+        *("--directory", str(workdir)),
+        *("--configfile", str(workdir / "study.yaml")),
+        *("--workflow-profile", str(finished / "profile")),
+        *("--slurm-init-seconds-before-status-checks", "2"),
+        *("--seconds-between-status-checks", "2"),
+        f"results/runs/{run_id}.zarr",
+    ]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=slurm
+    )
+    cancelled = None
+    deadline = time.monotonic() + 240
+    while cancelled is None and time.monotonic() < deadline:
+        if process.poll() is not None:
+            break
+        if checkpoint.exists():
+            queue = subprocess.run(
+                ["squeue", "--noheader", "--format=%i %k"],
+                capture_output=True,
+                text=True,
+                env=slurm,
+                timeout=30,
+            ).stdout
+            for line in queue.splitlines():
+                job, _, comment = line.partition(" ")
+                if "synthesize_metamer" in comment:
+                    subprocess.run(["scancel", job], env=slurm, timeout=30, check=True)
+                    cancelled = job
+        time.sleep(0.2)
+    try:
+        output, _ = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=60)
+        pytest.fail(f"snakemake did not finish after the cancel:\n{output[-5000:]}")
+    assert cancelled, f"the synthesis job was never seen running:\n{output[-3000:]}"
+    assert process.returncode == 0, output[-6000:]
+    store = open_run(workdir / "results" / "runs" / f"{run_id}.zarr")
+    resumed_at = json.loads(store.attrs["resumed_at"])
+    assert resumed_at and resumed_at[0] % 32 == 0 and resumed_at[0] > 0, resumed_at
+    assert store.sizes["iteration"] == 1500
+    assert (store["iteration"].values == range(1500)).all()

@@ -1,6 +1,7 @@
 # Shared helpers: the plan of the study and the paths of what each run reads.
 import json
 import math
+import os
 import re
 import sys
 
@@ -23,6 +24,9 @@ for _warning in STUDY.warnings:
     print(f"stimsynth: warning: {_warning}", file=sys.stderr)
 
 RESULTS = config["results"]
+# Where envs/stimsynth.yaml installs stimsynth from, for --software-deployment-method
+# conda.
+os.environ.setdefault("STIMSYNTH_SOURCE", workflow.basedir)
 METHODS = ("metamer", "mad", "eigendistortion", "geodesic")
 
 
