@@ -22,6 +22,7 @@ import pytest
 import xarray as xr
 import yaml
 
+from helpers.workflow import run_snakemake
 from stimsynth.config import ConfigError, plan_study, validate_config
 from stimsynth.images import ImageError, prepare_image, save_image
 from stimsynth.logs import job_logging
@@ -916,22 +917,7 @@ TINY = {
 
 def snakemake(workdir: Path, config: dict) -> subprocess.CompletedProcess:
     (workdir / "study.yaml").write_text(yaml.safe_dump(config))
-    command = [
-        sys.executable,
-        "-m",
-        "snakemake",
-        "--snakefile",
-        str(REPO / "Snakefile"),
-        "--directory",
-        str(workdir),
-        "--configfile",
-        str(workdir / "study.yaml"),
-        "--cores",
-        "2",
-    ]
-    # The repository on the path makes the models in tests/helpers importable.
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(REPO)}
-    return subprocess.run(command, capture_output=True, text=True, env=env)
+    return run_snakemake(workdir)
 
 
 def _texture_too_small(config):

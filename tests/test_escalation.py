@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -14,11 +10,10 @@ import plenoptic as po
 import torch
 import yaml
 
+from helpers.workflow import run_snakemake
 from stimsynth.checkpoint import Checkpoint
 from stimsynth.store import open_run
 from stimsynth.synthesis.metamer import synthesize_metamer
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 class Rows:
@@ -86,24 +81,7 @@ def test_failed_runs_go_on_round_by_round(tmp_path):
         },
     }
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "snakemake",
-            "--snakefile",
-            str(REPO / "Snakefile"),
-            "--directory",
-            str(tmp_path),
-            "--configfile",
-            str(tmp_path / "study.yaml"),
-            "--cores",
-            "2",
-        ],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
-    )
+    done = run_snakemake(tmp_path)
     assert done.returncode == 0, done.stderr[-4000:]
     results = tmp_path / "results"
     metamer = "metamer/short/einstein/seed0"

@@ -13,7 +13,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,10 +21,9 @@ import pytest
 import xarray as xr
 import yaml
 
+from helpers.workflow import snakemake_command, snakemake_env
 from stimsynth.checkpoint import FAULT_VARIABLE, Checkpoint
 from stimsynth.store import RunWriter, cut_store, open_run
-
-REPO = Path(__file__).resolve().parents[1]
 
 STUDY = {
     "checkpoint_every": 16,
@@ -66,24 +64,15 @@ def snakemake(
     wait: bool = True,
     extra: tuple[str, ...] | list[str] = (),
 ):
-    command = [
-        sys.executable,
-        "-m",
-        "snakemake",
-        "--snakefile",
-        str(REPO / "Snakefile"),
-        "--directory",
-        str(workdir),
-        "--configfile",
-        str(workdir / "study.yaml"),
-        "--cores",
-        "1",
+    command = snakemake_command(
+        workdir,
         "--rerun-incomplete",
         # The stores only: the audit and figures have nothing to do with resuming.
         *(f"results/runs/{store}" for store in STORES),
         *extra,
-    ]
-    environment = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
+        cores=1,
+    )
+    environment = snakemake_env(env)
     if not wait:
         return subprocess.Popen(
             command,

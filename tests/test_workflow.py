@@ -1,6 +1,5 @@
 """The whole study through snakemake, on a tiny config: every run ends in a store."""
 
-import os
 import shutil
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import pytest
 import xarray as xr
 import yaml
 
+from helpers.workflow import run_snakemake
 from stimsynth.config import load_config, plan_study
 from stimsynth.store import open_run, run_spec
 
@@ -65,20 +65,7 @@ TINY = {
 def snakemake(
     workdir: Path, *args: str, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
-    command = [
-        *SNAKEMAKE,
-        "--snakefile",
-        str(REPO / "Snakefile"),
-        "--directory",
-        str(workdir),
-        "--configfile",
-        str(workdir / "study.yaml"),
-        "--cores",
-        "2",
-        *args,
-    ]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
-    return subprocess.run(command, capture_output=True, text=True, env=env)
+    return run_snakemake(workdir, *args, env=env)
 
 
 @pytest.fixture(scope="module")

@@ -54,6 +54,7 @@ import pandas as pd
 
 from .config import validate_config
 from .store import FORMAT_VERSION, StoreError, read_metadata, run_spec
+from .study import final_objective
 from .synthesis.optimize import FAILED_STATUSES, USABLE_STATUSES
 
 logger = logging.getLogger(__name__)
@@ -504,18 +505,8 @@ def _identify(store: _RunStore) -> dict[str, Any]:
 
 
 def _final_objective(store: _RunStore, method: str) -> float:
-    """The number a run is summed up by: final loss (metamer), the largest final
-    objective of the four directions (MAD), top eigenvalue (eigendistortion) or
-    final path energy (geodesic)."""
-    if method == "metamer":
-        return float(np.max(store.values("final_loss")))
-    if method == "mad":
-        return float(np.max(store.values("objective")[-1]))
-    if method == "eigendistortion":
-        return float(store.values("eigenvalue")[np.argmin(_eigenindex(store))])
-    if method == "geodesic":
-        return float(store.values("final_path_energy"))
-    return float("nan")
+    """The number a run is summed up by, as the study table has it."""
+    return final_objective(store._metadata)
 
 
 def _guarded(compute: Callable[[], Any], fallback: Any) -> Any:
