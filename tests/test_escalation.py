@@ -12,6 +12,7 @@ import yaml
 
 from helpers.workflow import run_snakemake
 from stimsynth.checkpoint import Checkpoint
+from stimsynth.cli import main
 from stimsynth.store import open_run
 from stimsynth.synthesis.metamer import synthesize_metamer
 
@@ -114,3 +115,10 @@ def test_failed_runs_go_on_round_by_round(tmp_path):
     assert sorted(history["audit"].unique()) == [0, 1, 2]
     # The figure of a run shows its last round.
     assert (results / "figures" / "runs" / f"{metamer}.png").is_file()
+
+    # The command line audits what the workflow audited: each run's last round.
+    exit_code = main(["audit", str(results), "--csv", str(tmp_path / "again.csv")])
+    again = pd.read_csv(tmp_path / "again.csv").set_index("run_id")
+    assert exit_code == 1
+    assert again.loc[metamer, "round"] == 2
+    assert (again["verdict"] == rows["verdict"]).all()

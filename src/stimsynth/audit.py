@@ -627,33 +627,34 @@ def _stops(store: _RunStore, samples: int) -> np.ndarray:
     return np.minimum(stops, length)
 
 
-def _final_slope(series: np.ndarray, window: int) -> float | None:
-    """How fast a series still changes at its end, relative to its mean change.
+def _final_change(series: np.ndarray, window: int) -> float | None:
+    """The share of a series' whole change that it made over its last window.
 
-    The final slope is the change between the means of the last two windows of
-    ``window`` values, per value; the mean slope is the change from the first value
-    to the mean of the last window, per value up to that window's middle. Means
-    rather than single values keep the brief spikes of Adam from passing for a
-    trend.
+    The final change is that between the means of the last two windows of
+    ``window`` values; the whole change, that from the first value to the mean of
+    the last window. Means rather than single values keep the brief spikes of
+    Adam from passing for a trend. A series still creeping at a slow steady rate
+    makes an ever smaller share of its change at its end the longer it runs, so
+    running it longer, as escalation does, brings it closer to passing.
 
     Returns
     -------
-    ratio
-        Final over mean slope: 1 for a series that changes at a steady rate, 0 for
-        one flat at its end, inf for one that moved only at its end; None when the
+    share
+        0 for a series flat at its end, about window / length for one that changes
+        at a steady rate, inf for one that moved only at its end; None when the
         series is shorter than two windows.
     """
     if len(series) < 2 * window:
         return None
     last = series[-window:].mean()
     before = series[-2 * window : -window].mean()
-    final = abs(before - last) / window
-    mean = abs(series[0] - last) / (len(series) - (window + 1) / 2)
+    final = abs(before - last)
+    whole = abs(series[0] - last)
     if final == 0:
         return 0.0
-    if mean == 0:
+    if whole == 0:
         return math.inf
-    return final / mean
+    return final / whole
 
 
 def _plateau_check(
@@ -664,13 +665,14 @@ def _plateau_check(
     what: str,
     limits: dict[str, float],
 ) -> _Check:
-    """The final slope of ``series`` (iteration, sample) of every sample, between
-    its start and stop iterations, is below the limit."""
-    window, limit = limits["final_window"], limits["max_final_slope"]
+    """The share of its whole change that ``series`` (iteration, sample) made over
+    its last window, for every sample between its start and stop iterations, is
+    below the limit."""
+    window, limit = limits["final_window"], limits["max_final_change"]
     ratios, short = [], []
     for column, label in enumerate(labels):
         run = series[starts[column] : stops[column], column]
-        ratio = _final_slope(run, window)
+        ratio = _final_change(run, window)
         if ratio is None:
             short.append(f"{label} ran {len(run)}")
         else:
@@ -687,8 +689,8 @@ def _plateau_check(
     return _Check(
         "plateau",
         bool(worst <= limit),
-        f"over the last {window} iterations the {what} changed at {worst:.2e} of "
-        f"its mean rate over the run{where} (limit {limit:g})",
+        f"over the last {window} iterations the {what} made {worst:.2e} of its "
+        f"whole change over the run{where} (limit {limit:g})",
         worst,
     )
 

@@ -27,8 +27,9 @@ import pandas as pd
 import xarray as xr
 
 from . import __version__
-from .audit import audit_study, find_run_stores, summarize, write_audit
+from .audit import audit_study, summarize, write_audit
 from .config import ConfigError, load_config
+from .escalation import latest_run_stores, with_rounds
 from .store import (
     COMPARED_PACKAGES,
     StoreError,
@@ -194,7 +195,8 @@ def _audit(args: argparse.Namespace) -> int:
             return EXIT_USAGE
 
     runs = args.results / "runs"
-    stores = find_run_stores(runs) if runs.is_dir() else []
+    # After escalation, a run's verdict is that of its last round.
+    stores = latest_run_stores(args.results)
     if not stores:
         _say(
             f"stimsynth audit: no run stores found in {runs} (looked for folders "
@@ -204,7 +206,7 @@ def _audit(args: argparse.Namespace) -> int:
         )
         return EXIT_USAGE
 
-    table = audit_study(stores, thresholds)
+    table = with_rounds(audit_study(stores, thresholds))
     if args.csv is not None:
         try:
             write_audit(table, args.csv)
@@ -452,14 +454,20 @@ def _numbers(variable: xr.DataArray) -> str:
     """The values of a small variable, labelled along its dimension."""
     values = np.asarray(variable.values)
     if variable.ndim == 0:
-        return f"{values.item():.4g}"
+        return _number(values.item())
     if variable.ndim > 1:
         return np.array2string(values, precision=4)
     dim = variable.dims[0]
     labels = _labels(variable, dim)
     return ", ".join(
-        f"{label}: {value:.4g}" for label, value in zip(labels, values, strict=True)
+        f"{label}: {_number(value)}"
+        for label, value in zip(labels, values, strict=True)
     )
+
+
+def _number(value) -> str:
+    """A value to print: numbers to four digits, text as it is."""
+    return f"{value:.4g}" if isinstance(value, int | float | np.number) else str(value)
 
 
 def _labels(variable: xr.DataArray, dim: str) -> list[str]:

@@ -91,3 +91,36 @@ def round_history(
     for number, table in enumerate(tables):
         table.insert(0, "audit", number)
     return pd.concat(tables, ignore_index=True)
+
+
+def latest_run_stores(results: str | os.PathLike) -> list[Path]:
+    """Each run's latest store in a results folder: that of the last round it
+    was sent back for, or its first one.
+
+    Parameters
+    ----------
+    results
+        A study's results folder (holding ``runs/`` and, after escalation,
+        ``rounds/R/runs/``).
+
+    Returns
+    -------
+    stores
+        One store per run, sorted by run id.
+    """
+    from .audit import find_run_stores
+
+    results = Path(results)
+    folders = [results / "runs"]
+    rounds = results / "rounds"
+    if rounds.is_dir():
+        numbered = [p for p in rounds.iterdir() if p.name.isdigit()]
+        folders += [p / "runs" for p in sorted(numbered, key=lambda p: int(p.name))]
+    latest: dict[str, Path] = {}
+    for folder in folders:
+        if not folder.is_dir():
+            continue
+        for store in find_run_stores(folder):
+            run_id = store.relative_to(folder).with_suffix("").as_posix()
+            latest[run_id] = store
+    return [latest[run_id] for run_id in sorted(latest)]

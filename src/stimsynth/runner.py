@@ -27,6 +27,7 @@ from . import __version__
 from .checkpoint import CHECKPOINT_EVERY, Checkpoint
 from .config import spec_hash
 from .devices import claim_gpu, in_gpuless_slurm_job, scheduler_gpus
+from .errors import InputError
 from .images import open_image, translate
 from .models import build_metric, load_pinned_model
 from .store import (
@@ -65,6 +66,10 @@ SNAPSHOTS = {
 }
 
 
+class DeviceError(InputError):
+    """The device the study asks for is not there; a setting to change, not a bug."""
+
+
 def select_device(requested: str) -> torch.device:
     """The device a run uses: ``cpu``, ``cuda``, or ``auto`` (a GPU if there is one).
 
@@ -75,7 +80,7 @@ def select_device(requested: str) -> torch.device:
 
     Raises
     ------
-    RuntimeError
+    DeviceError
         If ``cuda`` is asked for and this job has no GPU to use.
     """
     if requested == "cpu":
@@ -97,8 +102,8 @@ def select_device(requested: str) -> torch.device:
         reason = "this job sees no GPU"
     if count == 0:
         if requested == "cuda":
-            raise RuntimeError(
-                f"the study asks for device: cuda but {reason}; run it where "
+            raise DeviceError(
+                f"device: the study asks for cuda but {reason}; run it where "
                 "Snakemake grants a GPU (resources gpu=1) or set device: auto"
             )
         logger.info("Running on the CPU: %s", reason)
