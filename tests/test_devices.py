@@ -16,6 +16,7 @@ from stimsynth import devices, runner
 CLAIMANT = """
 import sys
 from stimsynth.devices import claim_gpu
+from stimsynth.runner import DeviceError
 print(claim_gpu(int(sys.argv[1]), lock_dir=sys.argv[2]), flush=True)
 sys.stdin.read()
 """
@@ -147,7 +148,9 @@ def test_auto_runs_on_the_cpu_without_a_gpu(monkeypatch, caplog):
 def test_cuda_without_a_gpu_says_why(monkeypatch):
     _no_slurm(monkeypatch)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(RuntimeError, match="device: cuda but this job sees no GPU"):
+    with pytest.raises(
+        runner.DeviceError, match="asks for cuda but this job sees no GPU"
+    ):
         runner.select_device("cuda")
 
 
@@ -160,7 +163,7 @@ def test_a_granted_gpu_that_torch_cannot_see_is_logged(monkeypatch, caplog):
     caplog.set_level("INFO", logger="stimsynth.runner")
     assert runner.select_device("auto") == torch.device("cpu")
     assert "GPUs assigned to this job: CUDA_VISIBLE_DEVICES=1" in caplog.text
-    with pytest.raises(RuntimeError, match="torch sees none"):
+    with pytest.raises(runner.DeviceError, match="torch sees none"):
         runner.select_device("cuda")
 
 
@@ -194,5 +197,5 @@ def test_a_slurm_job_granted_no_gpu_leaves_the_node_s_gpus_alone(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     assert runner.select_device("auto") == torch.device("cpu")
-    with pytest.raises(RuntimeError, match="granted no GPU"):
+    with pytest.raises(runner.DeviceError, match="granted no GPU"):
         runner.select_device("cuda")
