@@ -53,13 +53,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import plenoptic as po
 import torch
 import torch.nn.functional as F
-import xarray as xr
 
-from stimsynth.runner import git_commit, versions
+from stimsynth.runner import git_commit, metamer_dataset, versions
 from stimsynth.store import FORMAT_VERSION, RunWriter, publish
 from stimsynth.synthesis import metamer as metamer_module
 from stimsynth.synthesis.metamer import initial_images, synthesize_metamer
@@ -202,18 +200,7 @@ def run_stimsynth(
         raise RuntimeError(
             f"stimsynth stopped after {opt.iterations} of {iterations} iterations"
         )
-    image = ("channel", "y", "x")
-    final = xr.Dataset(
-        {
-            "metamer": (("sample", *image), result.metamer.numpy()),
-            "initial_image": (("sample", *image), result.initial.numpy()),
-            "target_image": (image, result.target[0].numpy()),
-            "initial_loss": ("sample", result.initial_loss.numpy()),
-            "final_loss": ("sample", result.final_loss.numpy()),
-            "stop_iteration": ("sample", np.array(opt.stop_iteration)),
-        },
-        coords={"seed": ("sample", [SEED])},
-    )
+    final = metamer_dataset(result, [SEED])
     attrs = {
         **settings["provenance"],
         "format_version": FORMAT_VERSION,

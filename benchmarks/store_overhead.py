@@ -48,13 +48,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import xarray as xr
 
 from stimsynth.checkpoint import Checkpoint
 from stimsynth.config import load_config, plan_study
 from stimsynth.images import prepare_image
 from stimsynth.models import build_model
-from stimsynth.runner import versions
+from stimsynth.runner import metamer_dataset, versions
 from stimsynth.store import FORMAT_VERSION, RunWriter, publish
 from stimsynth.synthesis.metamer import synthesize_metamer
 
@@ -187,18 +186,7 @@ def run_store(case: dict[str, Any], store_dir: Path, every: int) -> dict[str, An
     loop = since(start)
     finishing = clock()
     opt = result.optimization
-    image = ("channel", "y", "x")
-    final = xr.Dataset(
-        {
-            "metamer": (("sample", *image), result.metamer.numpy()),
-            "initial_image": (("sample", *image), result.initial.numpy()),
-            "target_image": (image, result.target[0].numpy()),
-            "initial_loss": ("sample", result.initial_loss.numpy()),
-            "final_loss": ("sample", result.final_loss.numpy()),
-            "stop_iteration": ("sample", np.array(opt.stop_iteration)),
-        },
-        coords={"seed": ("sample", [case["seed"]])},
-    )
+    final = metamer_dataset(result, [case["seed"]])
     now = datetime.now(UTC).isoformat(timespec="seconds")
     attrs = {
         "format_version": FORMAT_VERSION,

@@ -10,22 +10,12 @@ import plenoptic as po
 import torch
 import yaml
 
+from helpers.recording import Rows
 from helpers.workflow import run_snakemake
 from stimsynth.checkpoint import Checkpoint
 from stimsynth.cli import main
 from stimsynth.store import open_run
 from stimsynth.synthesis.metamer import synthesize_metamer
-
-
-class Rows:
-    def __init__(self):
-        self.objective = []
-
-    def record(self, iteration, scalars):
-        self.objective.append(scalars["objective"].copy())
-
-    def snapshot(self, iteration, image):
-        pass
 
 
 def test_a_continued_run_takes_the_steps_of_an_unbroken_one(tmp_path):
@@ -53,7 +43,8 @@ def test_a_continued_run_takes_the_steps_of_an_unbroken_one(tmp_path):
     )
     assert torch.equal(continued.metamer, unbroken.metamer)
     assert np.array_equal(
-        np.concatenate([first.objective, later.objective]), np.array(whole.objective)
+        np.concatenate([first.column("objective"), later.column("objective")]),
+        whole.column("objective"),
     )
     assert continued.optimization.status == unbroken.optimization.status
 

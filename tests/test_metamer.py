@@ -15,6 +15,7 @@ import plenoptic as po
 import pytest
 import torch
 
+from helpers.recording import Rows
 from stimsynth.config import ConfigError, plan_study, validate_config
 from stimsynth.errors import InputError
 from stimsynth.synthesis.metamer import (
@@ -26,22 +27,6 @@ from stimsynth.synthesis.metamer import (
 from stimsynth.synthesis.optimize import range_penalty
 
 torch.set_num_threads(1)
-
-
-class Rows:
-    """Keeps every recorded iteration."""
-
-    def __init__(self):
-        self.rows = []
-
-    def record(self, iteration, scalars):
-        self.rows.append(scalars)
-
-    def snapshot(self, iteration, image):
-        pass
-
-    def column(self, name, sample=0):
-        return np.array([np.atleast_1d(row[name])[sample] for row in self.rows])
 
 
 @pytest.fixture(autouse=True)

@@ -7,6 +7,7 @@ import plenoptic as po
 import pytest
 import torch
 
+from helpers.recording import Rows
 from stimsynth.synthesis.eigendistortion import synthesize_eigendistortion
 from stimsynth.synthesis.mad import synthesize_mad
 from stimsynth.synthesis.metamer import (
@@ -14,19 +15,6 @@ from stimsynth.synthesis.metamer import (
     initial_noise,
     synthesize_metamer,
 )
-
-
-class Rows:
-    """Keeps every recorded iteration."""
-
-    def __init__(self):
-        self.rows = []
-
-    def record(self, iteration, scalars):
-        self.rows.append(scalars)
-
-    def snapshot(self, iteration, image):
-        pass
 
 
 @pytest.fixture(autouse=True)

@@ -235,7 +235,7 @@ def _audit_run(path: Path, limits: dict[str, dict[str, float]]) -> dict[str, Any
         row.update(_identify(store))
         checks = _checks(store, row["method"], limits)
         row["final_objective"] = _guarded(
-            lambda: _final_objective(store, row["method"]), float("nan")
+            lambda: final_objective(store._metadata), float("nan")
         )
 
     failed = [check.name for check in checks if not check.passed]
@@ -502,11 +502,6 @@ def _identify(store: _RunStore) -> dict[str, Any]:
     if attrs.get("run_id"):
         row["run_id"] = attrs["run_id"]
     return row
-
-
-def _final_objective(store: _RunStore, method: str) -> float:
-    """The number a run is summed up by, as the study table has it."""
-    return final_objective(store._metadata)
 
 
 def _guarded(compute: Callable[[], Any], fallback: Any) -> Any:

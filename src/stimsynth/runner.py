@@ -45,6 +45,7 @@ from .synthesis import (
     synthesize_mad,
     synthesize_metamer,
 )
+from .synthesis.metamer import MetamerResult
 
 logger = logging.getLogger(__name__)
 
@@ -336,20 +337,25 @@ def _run_metamer(spec, images, model, writer, checkpoint):
         **_optimization_settings(settings),
     )
     opt = result.optimization
+    final = metamer_dataset(result, [spec["seed"]])
+    return final, _outcome(opt.run_status, opt.stop_reason[0], opt.iterations)
+
+
+def metamer_dataset(result: MetamerResult, seeds: list[int]) -> xr.Dataset:
+    """The final variables of a metamer run's store (without its trajectory)."""
     variables = {
         "metamer": (("sample", *_IMAGE), _np(result.metamer)),
         "initial_image": (("sample", *_IMAGE), _np(result.initial)),
         "target_image": (_IMAGE, _np(result.target[0])),
         "initial_loss": ("sample", _np(result.initial_loss)),
         "final_loss": ("sample", _np(result.final_loss)),
-        "stop_iteration": ("sample", np.array(opt.stop_iteration)),
+        "stop_iteration": ("sample", np.array(result.optimization.stop_iteration)),
     }
     if result.stages:
         # Which scale each stage optimised and when it started (-1: never).
         variables["stage_name"] = ("stage_index", _strings(result.stages))
         variables["stage_start"] = ("stage_index", np.array(result.stage_start))
-    final = xr.Dataset(variables, coords={"seed": ("sample", [spec["seed"]])})
-    return final, _outcome(opt.run_status, opt.stop_reason[0], opt.iterations)
+    return xr.Dataset(variables, coords={"seed": ("sample", list(seeds))})
 
 
 def _run_mad(spec, images, model, writer, checkpoint):

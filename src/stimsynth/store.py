@@ -125,7 +125,12 @@ class RunWriter:
     snapshot_dims
         Dimensions of one snapshot after the sample dimension.
     flush_every
-        Iterations buffered in memory between appends.
+        Iterations buffered in memory between appends, and the chunk length
+        along ``iteration``.
+    resume
+        Lengths (``iteration``, ``snapshot``) of an existing partial store, already
+        cut back to them with :func:`cut_store`, to append after; None starts a
+        new store, removing a stale one.
     """
 
     @_write_errors("partial run store", lambda self, *a, **k: self.path)
@@ -149,7 +154,8 @@ class RunWriter:
         self._snapshots: list[tuple[int, np.ndarray]] = []
         self._lengths = {"iteration": 0, "snapshot": 0}
         if resume is not None and self.path.exists():
-            cut_store(self.path, resume)
+            # The caller cut the store back to these lengths (cut_store) when it
+            # decided the run could resume.
             self._lengths = dict(resume)
         elif self.path.exists():
             logger.warning("Removing a stale partial store at %s", self.path)
